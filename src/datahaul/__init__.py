@@ -1,0 +1,1 @@
+"""datahaul: move large files from robots and vehicles to a center system."""

@@ -1,0 +1,78 @@
+"""Connections to RabbitMQ that try each known node in turn."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from datahaul.errors import BrokerError
+
+log = structlog.get_logger("datahaul.broker")
+
+CONNECT_TIMEOUT = 5.0
+BROKER_FAILURES = (
+    OSError,
+    asyncio.TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
+
+
+class NodeRing:
+    """The broker addresses, tried round the ring from the last one that worked."""
+
+    def __init__(self, urls: Sequence[str], name: str) -> None:
+        if not urls:
+            raise BrokerError("no broker address given; set DATAHAUL_AMQP_URL")
+        self.urls = list(urls)
+        self.name = name
+        self._start = 0
+
+    async def connect(self) -> AbstractConnection:
+        failures: list[str] = []
+        order = itertools.islice(
+            itertools.cycle(range(len(self.urls))), self._start, None
+        )
+        for index in itertools.islice(order, len(self.urls)):
+            url = self.urls[index]
+            try:
+                connection = await aio_pika.connect(
+                    url,
+                    timeout=CONNECT_TIMEOUT,
+                    client_properties={"connection_name": self.name},
+                )
+            except BROKER_FAILURES as exc:
+                failures.append(f"{redact(url)}: {exc or type(exc).__name__}")
+                continue
+            self._start = index
+            return connection
+        raise BrokerError("could not reach RabbitMQ at " + "; ".join(failures))
+
+    def skip_current(self) -> None:
+        """Start the next attempt at another node (the current one misbehaved)."""
+        self._start = (self._start + 1) % len(self.urls)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for a log line or an error."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+async def wait_closed(*closables: AbstractConnection | AbstractChannel) -> None:
+    """Return once any of a connection and its channels is closed."""
+    closed = asyncio.Event()
+    for closable in closables:
+        closable.close_callbacks.add(lambda *_: closed.set())
+        if closable.is_closed:
+            return
+    await closed.wait()

@@ -1,0 +1,148 @@
+"""Publishing with confirms: many in flight, each one settled or an error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractExchange
+
+from datahaul.broker import topology
+from datahaul.broker.connection import BROKER_FAILURES, NodeRing, wait_closed
+from datahaul.config import Settings
+from datahaul.errors import BrokerError
+
+log = structlog.get_logger("datahaul.broker")
+
+
+@dataclass
+class Outgoing:
+    """One AMQP message to publish, with the packet keys it carries."""
+
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    content_type: str
+    message_id: str
+    keys: list[tuple[str, int]] = field(default_factory=list)
+
+
+class ConfirmingPublisher:
+    """Keeps a publishing channel open and says when the broker has a message.
+
+    `publish` returns only once RabbitMQ confirmed the message; a nack, a
+    return (unroutable), a lost connection or a confirm that does not come
+    within the timeout all raise BrokerError, so that the caller can keep
+    the message somewhere else instead of losing it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        on_link_change: Callable[[bool], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ring = NodeRing(settings.amqp_urls, name)
+        self.link_up = False
+        self.last_error: str | None = None
+        self._exchange: AbstractExchange | None = None
+        self._connection: AbstractConnection | None = None
+        self._window = asyncio.Semaphore(settings.publish_window)
+        self._up = asyncio.Event()
+        self._on_link_change = on_link_change
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._keep_connected(), name="publisher")
+
+    async def wait_up(self, timeout: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout)
+        return self.link_up
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def publish(self, message: Outgoing) -> None:
+        exchange = self._exchange
+        if exchange is None or not self.link_up:
+            raise BrokerError(f"RabbitMQ link is down: {self.last_error}")
+        amqp_message = aio_pika.Message(
+            message.body,
+            headers=message.headers,
+            content_type=message.content_type,
+            message_id=message.message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        async with self._window:
+            try:
+                await asyncio.wait_for(
+                    exchange.publish(amqp_message, message.routing_key, mandatory=True),
+                    self.settings.confirm_timeout,
+                )
+            except asyncio.TimeoutError:
+                self._drop_link("no publisher confirm within "
+                                f"{self.settings.confirm_timeout:g}s")
+                raise BrokerError("RabbitMQ did not confirm in time") from None
+            except aio_pika.exceptions.PublishError as exc:
+                raise BrokerError(f"RabbitMQ returned the message: {exc}") from None
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BrokerError(f"RabbitMQ refused the message: {exc}") from None
+            except BROKER_FAILURES as exc:
+                raise BrokerError(f"publish failed: {exc!r}") from None
+
+    def _drop_link(self, reason: str) -> None:
+        """Give up on a connection that stopped answering; reconnect afresh."""
+        if self._connection is not None and self.link_up:
+            log.warning("broker.link_stalled", reason=reason)
+            self.ring.skip_current()
+            self._set_link(False, reason)
+            asyncio.get_running_loop().create_task(self._connection.close())
+
+    async def _keep_connected(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                connection = await self.ring.connect()
+                self._connection = connection
+                channel = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._exchange = await topology.declare(channel, self.settings)
+            except (BrokerError, *BROKER_FAILURES) as exc:
+                self._set_link(False, str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+
+            delay = 0.2
+            self._set_link(True, None)
+            await wait_closed(connection, channel)
+            self._set_link(False, "connection closed")
+
+    def _set_link(self, up: bool, error: str | None) -> None:
+        changed = up != self.link_up
+        self.link_up = up
+        self.last_error = error
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+            self._exchange = None
+        if changed:
+            log.info("broker.link_up" if up else "broker.link_down", error=error)
+            if self._on_link_change is not None:
+                result = self._on_link_change(up)
+                if asyncio.iscoroutine(result):
+                    asyncio.get_running_loop().create_task(result)

@@ -1,0 +1,152 @@
+"""The packet: the unit a robot sends, the gateway publishes and a worker stages."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
+
+import msgspec
+
+from datahaul.errors import PacketError
+
+DataType = Literal["text", "image", "video"]
+DATA_TYPES: tuple[str, ...] = get_args(DataType)
+
+FILE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+# The optional fields, in the order the protocol document lists them.
+OPTIONAL_TEXT_FIELDS = (
+    "file_name",
+    "content_type",
+    "device_id",
+    "chunk_sha256",
+    "file_sha256",
+)
+
+
+class Packet(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One chunk of one file, with what is needed to put the file together."""
+
+    type: DataType
+    file_id: str
+    seq: int
+    total_seq: int
+    data: bytes
+    file_name: str | None = None
+    content_type: str | None = None
+    device_id: str | None = None
+    chunk_sha256: str | None = None
+    file_sha256: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    def header(self) -> dict[str, Any]:
+        """Every field but the payload, as plain values."""
+        fields = msgspec.structs.asdict(self)
+        del fields["data"]
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+class NotePacket(msgspec.Struct):
+    """The design note's JSON body, published straight to a queue by others."""
+
+    file_id: str
+    seq: int
+    total_seq: int
+    data: bytes
+    type: DataType | None = None
+    file_name: str | None = None
+    content_type: str | None = None
+    device_id: str | None = None
+    chunk_sha256: str | None = None
+    file_sha256: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def check(packet: Packet, max_chunk_bytes: int) -> Packet:
+    """Raise PacketError naming the first field that breaks the protocol."""
+    if not FILE_ID_PATTERN.match(packet.file_id):
+        raise PacketError(
+            "file_id",
+            "must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+        )
+    if packet.total_seq < 1:
+        raise PacketError("total_seq", f"must be at least 1, got {packet.total_seq}")
+    if not 1 <= packet.seq <= packet.total_seq:
+        raise PacketError(
+            "seq", f"must be within 1..{packet.total_seq}, got {packet.seq}"
+        )
+    if len(packet.data) > max_chunk_bytes:
+        raise PacketError(
+            "data",
+            f"chunk of {len(packet.data)} bytes is over the limit of "
+            f"{max_chunk_bytes} bytes; split the file into smaller packets",
+        )
+    for name in ("chunk_sha256", "file_sha256"):
+        value = getattr(packet, name)
+        if value is not None and not SHA256_PATTERN.match(value):
+            raise PacketError(name, "must be 64 lowercase hexadecimal digits")
+    if packet.chunk_sha256 is not None:
+        actual = hashlib.sha256(packet.data).hexdigest()
+        if actual != packet.chunk_sha256:
+            raise PacketError(
+                "chunk_sha256",
+                f"does not match the data (its SHA-256 is {actual}); "
+                "the chunk was corrupted on the way, send it again",
+            )
+    return packet
+
+
+def from_fields(fields: Mapping[str, str], data: bytes) -> Packet:
+    """Build a packet from string fields (HTTP headers, a query) and raw bytes."""
+    values: dict[str, Any] = {"data": b""}
+    for name in ("type", "file_id", *OPTIONAL_TEXT_FIELDS):
+        if name in fields:
+            values[name] = fields[name]
+    for name in ("seq", "total_seq"):
+        if name in fields:
+            values[name] = _parse_int(name, fields[name])
+    if "metadata" in fields:
+        try:
+            values["metadata"] = msgspec.json.decode(fields["metadata"])
+        except msgspec.DecodeError as exc:
+            raise PacketError("metadata", f"is not valid JSON: {exc}") from None
+    packet = convert(values)
+    packet.data = data
+    return packet
+
+
+def convert(values: Mapping[str, Any], index: int | None = None) -> Packet:
+    """Validate a mapping's shape into a Packet, naming the field on error."""
+    try:
+        return msgspec.convert(values, Packet)
+    except msgspec.ValidationError as exc:
+        raise shape_error(exc, index) from None
+
+
+def shape_error(exc: msgspec.ValidationError, index: int | None) -> PacketError:
+    """Turn msgspec's message ("... - at `$[2].seq`") into a named PacketError."""
+    reason, _, where = str(exc).rpartition(" - at `")
+    if not reason:
+        reason, where = str(exc), "$`"
+    path = where.rstrip("`")
+    position = re.match(r"^\$\[(\d+)\]", path)
+    if position:
+        index = int(position.group(1))
+    field = re.sub(r"^\$(\[\d+\])?\.?", "", path)
+    named = re.search(r"field `([^`]+)`", reason)
+    if not field and named:
+        field = named.group(1)
+    if field == "data" and "base64" in reason:
+        reason = "is not valid base64"
+    return PacketError(field or "$", reason, index=index)
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise PacketError(name, f"must be an integer, got {text!r}") from None
