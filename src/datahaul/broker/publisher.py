@@ -91,9 +91,10 @@ class ConfirmingPublisher:
                     exchange.publish(amqp_message, message.routing_key, mandatory=True),
                     self.settings.confirm_timeout,
                 )
-            except asyncio.TimeoutError:
-                self._drop_link("no publisher confirm within "
-                                f"{self.settings.confirm_timeout:g}s")
+            except TimeoutError:
+                self._drop_link(
+                    f"no publisher confirm within {self.settings.confirm_timeout:g}s"
+                )
                 raise BrokerError("RabbitMQ did not confirm in time") from None
             except aio_pika.exceptions.PublishError as exc:
                 raise BrokerError(f"RabbitMQ returned the message: {exc}") from None

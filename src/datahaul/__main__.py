@@ -1,0 +1,3 @@
+from datahaul.cli import main
+
+main()

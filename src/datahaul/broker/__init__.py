@@ -1,0 +1,1 @@
+"""RabbitMQ plumbing: topology, connections, confirmed publishing."""

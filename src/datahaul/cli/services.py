@@ -1,0 +1,125 @@
+"""The long-running programs: gateway, worker, and the topology they share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aio_pika
+import typer
+
+from datahaul.broker import topology
+from datahaul.broker.connection import NodeRing
+from datahaul.cli.common import ExitCode, fail
+from datahaul.config import Settings
+from datahaul.errors import DatahaulError
+from datahaul.protocol.packet import DATA_TYPES
+
+AMQP_URL = typer.Option(
+    None,
+    "--amqp-url",
+    help="Broker URL(s), comma-separated "
+    "[env DATAHAUL_AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/]",
+)
+DATA_DIR = typer.Option(
+    None,
+    "--data-dir",
+    help="Local data [env DATAHAUL_DATA_DIR; default ./datahaul-data]",
+)
+CATALOG_URL = typer.Option(
+    None,
+    "--catalog-url",
+    help="sqlite:///PATH or postgresql://... [env DATAHAUL_CATALOG_URL]",
+)
+QUEUE_TYPE = typer.Option(
+    None, "--queue-type", help="quorum (default) or classic [env DATAHAUL_QUEUE_TYPE]"
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(gateway)
+    app.command()(worker)
+    app.command("topology")(declare_topology)
+
+
+def gateway(
+    port: int | None = typer.Option(None, "--port", help="Port [default 8080]"),
+    host: str | None = typer.Option(None, "--host", help="Address [default 127.0.0.1]"),
+    amqp_url: str | None = AMQP_URL,
+    data_dir: Path | None = DATA_DIR,
+    queue_type: str | None = QUEUE_TYPE,
+) -> None:
+    """Run the vehicle gateway: HTTP in, RabbitMQ out, an outbox in between."""
+    from datahaul.gateway.app import run
+
+    settings = _settings(
+        amqp_url=amqp_url,
+        data_dir=data_dir,
+        queue_type=queue_type,
+        gateway_port=port,
+        gateway_host=host,
+    )
+    run(settings)
+
+
+def worker(
+    type: str = typer.Option("all", "--type", help="text, image, video or all"),
+    amqp_url: str | None = AMQP_URL,
+    data_dir: Path | None = DATA_DIR,
+    catalog_url: str | None = CATALOG_URL,
+    queue_type: str | None = QUEUE_TYPE,
+) -> None:
+    """Run a worker: consume packets, assemble files, store them."""
+    from datahaul.worker.consumer import Worker
+
+    types = list(DATA_TYPES) if type == "all" else [type]
+    if any(t not in DATA_TYPES for t in types):
+        raise fail(
+            f"--type must be one of text, image, video, all; got {type!r}",
+            ExitCode.USAGE,
+        )
+    settings = _settings(
+        amqp_url=amqp_url,
+        data_dir=data_dir,
+        catalog_url=catalog_url,
+        queue_type=queue_type,
+    )
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Worker(settings, types).run())
+    except DatahaulError as exc:
+        raise fail(str(exc)) from None
+
+
+def declare_topology(
+    amqp_url: str | None = AMQP_URL,
+    queue_type: str | None = QUEUE_TYPE,
+) -> None:
+    """Declare the exchanges and queues (safe to run again at any time)."""
+    settings = _settings(amqp_url=amqp_url, queue_type=queue_type)
+
+    async def declare() -> None:
+        connection = await NodeRing(settings.amqp_urls, "datahaul-topology").connect()
+        async with connection:
+            await topology.declare(await connection.channel(), settings)
+
+    try:
+        asyncio.run(declare())
+    except (DatahaulError, aio_pika.exceptions.AMQPError) as exc:
+        raise fail(
+            f"could not declare the topology: {exc}", ExitCode.UNAVAILABLE
+        ) from None
+    names = ", ".join(topology.QUEUES.values())
+    typer.echo(
+        f"declared {topology.PACKET_EXCHANGE} -> {names} "
+        f"({settings.queue_type}), {topology.DEAD_QUEUE}, "
+        f"{topology.EVENT_EXCHANGE}"
+    )
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.load(**overrides)
+    except DatahaulError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None

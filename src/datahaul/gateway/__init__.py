@@ -1,0 +1,1 @@
+"""The vehicle-side HTTP gateway, its ledger and its store-and-forward outbox."""

@@ -1,0 +1,204 @@
+"""The gateway's HTTP API: what robots talk to on the vehicle."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from datahaul.config import Settings
+from datahaul.errors import OutboxFull, PacketConflict, PacketError
+from datahaul.gateway.service import Gateway
+from datahaul.protocol.packet import Packet, check, from_fields, shape_error
+
+log = structlog.get_logger("datahaul.gateway")
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+HEADER_PREFIX = "x-datahaul-"
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+RETRY_AFTER_SECONDS = 5
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_packet_decoder = msgspec.json.Decoder(Packet | list[Packet])
+_line_decoder = msgspec.json.Decoder(Packet)
+
+
+def create_app(settings: Settings) -> web.Application:
+    # A JSON body carries base64 (4/3 of the bytes) and may hold many packets.
+    app = web.Application(
+        client_max_size=settings.max_chunk_bytes * 2 + 1024 * 1024,
+        middlewares=[errors_as_json],
+    )
+    app[GATEWAY_KEY] = Gateway(settings)
+    app.router.add_post("/v1/packets", post_packets)
+    app.router.add_put("/v1/files/{file_id}/chunks/{seq}", put_chunk)
+    app.router.add_get("/v1/files/{file_id}", get_file)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/status", healthz)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    await app[GATEWAY_KEY].start()
+
+
+async def _stop(app: web.Application) -> None:
+    await app[GATEWAY_KEY].close()
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal is JSON that names what was wrong and what to do."""
+    gateway = request.app[GATEWAY_KEY]
+    try:
+        return await handler(request)
+    except PacketConflict as exc:
+        gateway.counters["rejected"] += 1
+        return web.json_response(exc.to_json(), status=409)
+    except PacketError as exc:
+        gateway.counters["rejected"] += 1
+        status = 413 if exc.field == "data" and "limit" in exc.reason else 400
+        return web.json_response(exc.to_json(), status=status)
+    except OutboxFull as exc:
+        return web.json_response(
+            {"error": "OutboxFull", "reason": str(exc)},
+            status=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    except web.HTTPRequestEntityTooLarge as exc:
+        return web.json_response(
+            {"error": "TooLarge", "field": "$", "reason": exc.text}, status=413
+        )
+
+
+async def post_packets(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    body = await request.read()
+    if request.content_type in NDJSON_TYPES:
+        packets = _decode_lines(body)
+    else:
+        packets = _decode_json(body)
+    if not packets:
+        raise PacketError("$", "the request holds no packet")
+
+    for index, packet in enumerate(packets):
+        try:
+            check(packet, gateway.settings.max_chunk_bytes)
+        except PacketError as exc:
+            exc.index = index if len(packets) > 1 else None
+            raise
+    return await _accept(gateway, packets)
+
+
+async def put_chunk(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    fields = _chunk_fields(request)
+    data = await _read_limited(request, gateway.settings.max_chunk_bytes)
+    packet = check(from_fields(fields, data), gateway.settings.max_chunk_bytes)
+    return await _accept(gateway, [packet])
+
+
+async def get_file(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    file_id = request.match_info["file_id"]
+    status = await gateway.ledger.status(file_id)
+    if status is None:
+        return web.json_response(
+            {
+                "error": "NotFound",
+                "field": "file_id",
+                "reason": f"the gateway has accepted no packet of file {file_id}",
+            },
+            status=404,
+        )
+    return web.json_response(status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response(request.app[GATEWAY_KEY].health())
+
+
+async def _accept(gateway: Gateway, packets: list[Packet]) -> web.Response:
+    accepted = await gateway.accept(packets)
+    status = 202 if accepted.buffered else 200
+    return web.json_response(accepted.to_json(), status=status)
+
+
+def _decode_json(body: bytes) -> list[Packet]:
+    try:
+        decoded = _packet_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise shape_error(exc, None) from None
+    except msgspec.DecodeError as exc:
+        raise PacketError("$", f"body is not valid JSON: {exc}") from None
+    return decoded if isinstance(decoded, list) else [decoded]
+
+
+def _decode_lines(body: bytes) -> list[Packet]:
+    packets = []
+    for index, line in enumerate(line for line in body.splitlines() if line.strip()):
+        try:
+            packets.append(_line_decoder.decode(line))
+        except msgspec.ValidationError as exc:
+            raise shape_error(exc, index) from None
+        except msgspec.DecodeError as exc:
+            raise PacketError(
+                "$", f"line is not valid JSON: {exc}", index=index
+            ) from None
+    return packets
+
+
+def _chunk_fields(request: web.Request) -> dict[str, str]:
+    fields: dict[str, str] = {
+        "file_id": request.match_info["file_id"],
+        "seq": request.match_info["seq"],
+    }
+    for name, value in request.query.items():
+        fields[name] = value
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        if lowered.startswith(HEADER_PREFIX):
+            fields[lowered[len(HEADER_PREFIX) :].replace("-", "_")] = value
+    return fields
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """Read a raw body, refusing it as soon as it passes the chunk limit."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PacketError(
+            "data",
+            f"chunk of {request.content_length} bytes is over the limit of "
+            f"{limit} bytes; split the file into smaller packets",
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for block in request.content.iter_chunked(1024 * 1024):
+        size += len(block)
+        if size > limit:
+            raise PacketError(
+                "data",
+                f"chunk is over the limit of {limit} bytes; "
+                "split the file into smaller packets",
+            )
+        parts.append(block)
+    return b"".join(parts)
+
+
+def run(settings: Settings) -> None:
+    """Serve until interrupted."""
+    app = create_app(settings)
+    log.info(
+        "gateway.listening", host=settings.gateway_host, port=settings.gateway_port
+    )
+    web.run_app(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )

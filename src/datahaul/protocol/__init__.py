@@ -1,0 +1,1 @@
+"""The packet and how it travels over HTTP and AMQP."""

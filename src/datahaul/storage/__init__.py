@@ -1,0 +1,1 @@
+"""Center storage: the catalog database and the blob stores."""

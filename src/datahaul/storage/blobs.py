@@ -1,0 +1,154 @@
+"""Blob stores: where assembled images and video land, and where chunks wait.
+
+Every store speaks the same small interface, so that the workers neither
+know nor care whether bytes go to a directory (a NAS, the embedded default)
+or to an S3 bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from datahaul.errors import ConfigError, StorageError
+
+READ_BLOCK = 1024 * 1024
+
+
+class BlobStore(Protocol):
+    """Keys are '/'-separated relative paths; writes are atomic and idempotent."""
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store small bytes durably under key, replacing what was there."""
+
+    def put_stream(self, key: str, blocks: Iterable[bytes]) -> str:
+        """Store a stream durably under key; return its location (a URL)."""
+
+    def read(self, key: str) -> bytes:
+        """The whole of a (small) object."""
+
+    def open_range(self, key: str, start: int, end: int | None) -> Iterator[bytes]:
+        """Bytes [start, end) of an object, in blocks of bounded size."""
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; StorageError when missing."""
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under prefix; nothing there is not an error."""
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """The names of the 'folders' directly under prefix."""
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Make earlier `put`s of these keys durable (a no-op where they are)."""
+
+
+class FilesystemStore:
+    """A directory tree: temporary file, fsync, rename, fsync the directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"key {key!r} escapes the store at {self.root}")
+        return path
+
+    def put(self, key: str, data: bytes) -> None:
+        self._write(key, [data], sync_dir=False)
+
+    def put_stream(self, key: str, blocks: Iterable[bytes]) -> str:
+        return self._write(key, blocks, sync_dir=True).as_uri()
+
+    def _write(self, key: str, blocks: Iterable[bytes], *, sync_dir: bool) -> Path:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                for block in blocks:
+                    handle.write(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+            raise
+        if sync_dir:
+            _fsync_dir(target.parent)
+        return target
+
+    def sync(self, keys: Iterable[str]) -> None:
+        # Each put already fsynced its file; the renames need their folders.
+        for folder in {self.path(key).parent for key in keys}:
+            _fsync_dir(folder)
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"no object {key!r} in {self.root}") from None
+
+    def open_range(self, key: str, start: int, end: int | None) -> Iterator[bytes]:
+        try:
+            handle = open(self.path(key), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"no object {key!r} in {self.root}") from None
+        with handle:
+            handle.seek(start)
+            remaining = None if end is None else end - start
+            while remaining is None or remaining > 0:
+                want = READ_BLOCK if remaining is None else min(READ_BLOCK, remaining)
+                block = handle.read(want)
+                if not block:
+                    return
+                if remaining is not None:
+                    remaining -= len(block)
+                yield block
+
+    def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"no object {key!r} in {self.root}") from None
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        folder = self.path(prefix) if prefix else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def open_store(url: str) -> BlobStore:
+    """The store a URL names: file:///PATH (S3 arrives with issue 5)."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if not parts.path:
+            raise ConfigError(f"blob store URL {url!r} names no directory")
+        return FilesystemStore(Path(parts.path))
+    if parts.scheme == "" and url:
+        return FilesystemStore(Path(url))
+    raise ConfigError(f"blob store URL {url!r}: only file:///PATH is supported")

@@ -1,0 +1,509 @@
+"""The catalog: every file's state, its staged chunks, and stored text.
+
+It is the workers' only shared memory. A packet is acked once its chunk is
+recorded here (and, when large, written to the staging store), so any
+worker can pick up any file where another left it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from datahaul.protocol.packet import Packet
+from datahaul.storage.sql import Database, Transaction, open_database
+
+log = structlog.get_logger("datahaul.catalog")
+
+RECEIVING = "receiving"
+ASSEMBLING = "assembling"
+STORED = "stored"
+FAILED = "failed"
+EXPIRED = "expired"
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE files (
+            file_id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            total_seq INTEGER NOT NULL,
+            received INTEGER NOT NULL DEFAULT 0,
+            received_bytes BIGINT NOT NULL DEFAULT 0,
+            state TEXT NOT NULL,
+            file_name TEXT,
+            content_type TEXT,
+            device_id TEXT,
+            expected_sha256 TEXT,
+            metadata TEXT,
+            size BIGINT,
+            sha256 TEXT,
+            location TEXT,
+            error TEXT,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            event_sent INTEGER NOT NULL DEFAULT 0,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            stored_at DOUBLE PRECISION
+        );
+        CREATE INDEX files_state ON files (state, updated_at);
+        CREATE INDEX files_device ON files (device_id, created_at);
+        CREATE TABLE chunks (
+            file_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            staged_name TEXT,
+            inline_data {blob},
+            PRIMARY KEY (file_id, seq)
+        );
+        CREATE TABLE texts (
+            file_id TEXT PRIMARY KEY,
+            content {blob} NOT NULL,
+            file_name TEXT,
+            content_type TEXT,
+            device_id TEXT,
+            metadata TEXT,
+            sha256 TEXT NOT NULL,
+            stored_at DOUBLE PRECISION NOT NULL
+        );
+        """,
+    ),
+]
+
+
+@dataclass
+class FileRecord:
+    file_id: str
+    type: str
+    total_seq: int
+    received: int
+    received_bytes: int
+    state: str
+    file_name: str | None
+    content_type: str | None
+    device_id: str | None
+    expected_sha256: str | None
+    metadata: dict[str, Any] | None
+    size: int | None
+    sha256: str | None
+    location: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    stored_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+FILE_COLUMNS = ", ".join(FileRecord.__dataclass_fields__)
+
+
+@dataclass
+class StagedChunk:
+    seq: int
+    size: int
+    staged_name: str | None
+    inline_data: bytes | None
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one packet in a staging transaction."""
+
+    packet: Packet
+    status: str  # "staged", "duplicate", or "conflict"
+    reason: str = ""
+
+
+class Catalog:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    @classmethod
+    def open(cls, url: str) -> Catalog:
+        catalog = cls(open_database(url))
+        catalog.migrate()
+        return catalog
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations this database has not seen; return them."""
+        with self.db.transaction() as txn:
+            txn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            if self.db.dialect == "postgresql":
+                # Two processes starting at once must not both migrate.
+                txn.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
+            done = {
+                row[0]
+                for row in txn.execute(
+                    "SELECT version FROM schema_migrations"
+                ).fetchall()
+            }
+            applied = []
+            for version, script in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in script.format(blob=self.db.blob_type).split(";"):
+                    if statement.strip():
+                        txn.execute(statement)
+                txn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, time.time()),
+                )
+                applied.append(version)
+        if applied:
+            log.info("catalog.migrated", versions=applied, dialect=self.db.dialect)
+        return applied
+
+    def stage(
+        self, staged: Sequence[tuple[Packet, str | None]], inline_limit: int
+    ) -> tuple[list[StageOutcome], set[str]]:
+        """Record chunks in one transaction; return outcomes and complete files.
+
+        Each item is a packet and the name its payload was staged under in
+        the staging store (None when it is small enough to keep inline).
+        """
+        outcomes: list[StageOutcome] = []
+        complete: set[str] = set()
+        now = time.time()
+        with self.db.transaction() as txn:
+            for packet, staged_name in staged:
+                outcome = self._stage_one(txn, packet, staged_name, inline_limit, now)
+                outcomes.append(outcome)
+                if outcome.status == "staged" and outcome.reason == "complete":
+                    complete.add(packet.file_id)
+        return outcomes, complete
+
+    def _stage_one(
+        self,
+        txn: Transaction,
+        packet: Packet,
+        staged_name: str | None,
+        inline_limit: int,
+        now: float,
+    ) -> StageOutcome:
+        row = self._file_row_for(txn, packet, now)
+        kind, total_seq, state = row
+        if kind != packet.type:
+            return StageOutcome(
+                packet,
+                "conflict",
+                f"type {packet.type!r} differs from the file's {kind!r}",
+            )
+        if total_seq != packet.total_seq:
+            return StageOutcome(
+                packet,
+                "conflict",
+                f"total_seq {packet.total_seq} differs from the file's {total_seq}",
+            )
+        if state != RECEIVING:
+            return StageOutcome(packet, "duplicate", f"file is {state}")
+
+        inline = packet.data if staged_name is None else None
+        if inline is not None and len(inline) > inline_limit:
+            raise ValueError("a large chunk must be staged, not kept inline")
+        inserted = txn.execute(
+            "INSERT INTO chunks (file_id, seq, size, staged_name, inline_data) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (file_id, seq) DO NOTHING",
+            (packet.file_id, packet.seq, len(packet.data), staged_name, inline),
+        ).rowcount
+        if inserted != 1:
+            return StageOutcome(packet, "duplicate", "chunk already staged")
+
+        received = txn.execute(
+            "UPDATE files SET received = received + 1, "
+            "received_bytes = received_bytes + ?, updated_at = ? "
+            "WHERE file_id = ? RETURNING received",
+            (len(packet.data), now, packet.file_id),
+        ).fetchone()
+        assert received is not None
+        done = "complete" if received[0] == total_seq else ""
+        return StageOutcome(packet, "staged", done)
+
+    def _file_row_for(
+        self, txn: Transaction, packet: Packet, now: float
+    ) -> tuple[str, int, str]:
+        txn.execute(
+            "INSERT INTO files (file_id, type, total_seq, state, file_name, "
+            "content_type, device_id, expected_sha256, metadata, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (file_id) DO NOTHING",
+            (
+                packet.file_id,
+                packet.type,
+                packet.total_seq,
+                RECEIVING,
+                packet.file_name,
+                packet.content_type,
+                packet.device_id,
+                packet.file_sha256,
+                json.dumps(packet.metadata) if packet.metadata is not None else None,
+                now,
+                now,
+            ),
+        )
+        row = txn.execute(
+            "SELECT type, total_seq, state FROM files WHERE file_id = ?",
+            (packet.file_id,),
+        ).fetchone()
+        assert row is not None
+        if row[2] == EXPIRED:
+            # A packet for an expired file starts it over (docs/reliability.md).
+            txn.execute(
+                "UPDATE files SET state = ?, type = ?, total_seq = ?, received = 0, "
+                "received_bytes = 0, error = NULL, updated_at = ? WHERE file_id = ?",
+                (RECEIVING, packet.type, packet.total_seq, now, packet.file_id),
+            )
+            return packet.type, packet.total_seq, RECEIVING
+        return row[0], row[1], row[2]
+
+    def claim(self, file_id: str, owner: str, lease_seconds: float) -> bool:
+        """Take the right to finalize a complete file; only one worker wins."""
+        now = time.time()
+        with self.db.transaction() as txn:
+            claimed = txn.execute(
+                "UPDATE files SET state = ?, lease_owner = ?, lease_until = ?, "
+                "updated_at = ? WHERE file_id = ? AND received = total_seq AND "
+                "(state = ? OR (state = ? AND lease_until < ?))",
+                (
+                    ASSEMBLING,
+                    owner,
+                    now + lease_seconds,
+                    now,
+                    file_id,
+                    RECEIVING,
+                    ASSEMBLING,
+                    now,
+                ),
+            ).rowcount
+        return claimed == 1
+
+    def renew(self, file_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend a finalizer's lease; False when another worker took it over."""
+        with self.db.transaction() as txn:
+            renewed = txn.execute(
+                "UPDATE files SET lease_until = ? WHERE file_id = ? AND "
+                "lease_owner = ? AND state = ?",
+                (time.time() + lease_seconds, file_id, owner, ASSEMBLING),
+            ).rowcount
+        return renewed == 1
+
+    def chunks(self, file_id: str, page: int = 64) -> Iterator[StagedChunk]:
+        """The file's chunks in seq order, a page at a time (bounded memory)."""
+        after = 0
+        while True:
+            rows = self.db.query(
+                "SELECT seq, size, staged_name, inline_data FROM chunks "
+                "WHERE file_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (file_id, after, page),
+            )
+            for seq, size, name, inline in rows:
+                yield StagedChunk(seq, size, name, bytes(inline) if inline else None)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    def finish(
+        self,
+        record: FileRecord,
+        owner: str,
+        *,
+        state: str,
+        size: int | None = None,
+        sha256: str | None = None,
+        location: str | None = None,
+        error: str | None = None,
+        text: bytes | None = None,
+    ) -> bool:
+        """Record the end of a file and drop its chunk rows, in one transaction.
+
+        Returns False when the lease was lost: another worker finalizes it.
+        """
+        now = time.time()
+        with self.db.transaction() as txn:
+            updated = txn.execute(
+                "UPDATE files SET state = ?, size = ?, sha256 = ?, location = ?, "
+                "error = ?, stored_at = ?, updated_at = ?, lease_owner = NULL, "
+                "lease_until = NULL WHERE file_id = ? AND lease_owner = ? "
+                "AND state = ?",
+                (
+                    state,
+                    size,
+                    sha256,
+                    location,
+                    error,
+                    now if state == STORED else None,
+                    now,
+                    record.file_id,
+                    owner,
+                    ASSEMBLING,
+                ),
+            ).rowcount
+            if updated != 1:
+                return False
+            if text is not None:
+                self._store_text(txn, record, text, sha256 or "", now)
+            txn.execute("DELETE FROM chunks WHERE file_id = ?", (record.file_id,))
+        return True
+
+    def _store_text(
+        self,
+        txn: Transaction,
+        record: FileRecord,
+        text: bytes,
+        sha256: str,
+        now: float,
+    ) -> None:
+        metadata = json.dumps(record.metadata) if record.metadata is not None else None
+        txn.execute(
+            "INSERT INTO texts (file_id, content, file_name, content_type, "
+            "device_id, metadata, sha256, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (file_id) DO UPDATE SET content = excluded.content, "
+            "sha256 = excluded.sha256, stored_at = excluded.stored_at",
+            (
+                record.file_id,
+                text,
+                record.file_name,
+                record.content_type,
+                record.device_id,
+                metadata,
+                sha256,
+                now,
+            ),
+        )
+
+    def mark_event_sent(self, file_id: str) -> None:
+        with self.db.transaction() as txn:
+            txn.execute("UPDATE files SET event_sent = 1 WHERE file_id = ?", (file_id,))
+
+    def get(self, file_id: str) -> FileRecord | None:
+        rows = self.db.query(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE file_id = ?", (file_id,)
+        )
+        return _record(rows[0]) if rows else None
+
+    def list(
+        self,
+        *,
+        type: str | None = None,
+        state: str | None = None,
+        device_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[FileRecord]:
+        where, params = _filters(
+            type=type, state=state, device_id=device_id, since=since, until=until
+        )
+        rows = self.db.query(
+            f"SELECT {FILE_COLUMNS} FROM files {where} "
+            "ORDER BY created_at DESC, file_id LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_record(row) for row in rows]
+
+    def received_seqs(self, file_id: str) -> list[int]:
+        rows = self.db.query(
+            "SELECT seq FROM chunks WHERE file_id = ? ORDER BY seq", (file_id,)
+        )
+        return [row[0] for row in rows]
+
+    def text(self, file_id: str) -> bytes | None:
+        rows = self.db.query("SELECT content FROM texts WHERE file_id = ?", (file_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    def due_for_finalize(self, now: float) -> list[str]:
+        """Complete files nobody is finalizing: a claim lost to a crash."""
+        rows = self.db.query(
+            "SELECT file_id FROM files WHERE received = total_seq AND "
+            "(state = ? OR (state = ? AND lease_until < ?))",
+            (RECEIVING, ASSEMBLING, now),
+        )
+        return [row[0] for row in rows]
+
+    def events_unsent(self, older_than: float) -> list[FileRecord]:
+        rows = self.db.query(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE state IN (?, ?) AND "
+            "event_sent = 0 AND updated_at < ?",
+            (STORED, FAILED, older_than),
+        )
+        return [_record(row) for row in rows]
+
+    def expire(self, older_than: float) -> list[str]:
+        """Mark files idle since before `older_than` expired; drop their chunks."""
+        now = time.time()
+        with self.db.transaction() as txn:
+            rows = txn.execute(
+                "SELECT file_id FROM files WHERE state = ? AND updated_at < ?",
+                (RECEIVING, older_than),
+            ).fetchall()
+            expired = [row[0] for row in rows]
+            for file_id in expired:
+                txn.execute(
+                    "UPDATE files SET state = ?, error = ?, updated_at = ?, "
+                    "received = 0, received_bytes = 0 WHERE file_id = ?",
+                    (EXPIRED, "incomplete for too long", now, file_id),
+                )
+                txn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+        return expired
+
+    def states(self, file_ids: Sequence[str]) -> dict[str, str]:
+        if not file_ids:
+            return {}
+        marks = ", ".join("?" for _ in file_ids)
+        rows = self.db.query(
+            f"SELECT file_id, state FROM files WHERE file_id IN ({marks})",
+            tuple(file_ids),
+        )
+        return {row[0]: row[1] for row in rows}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _filters(**conditions: Any) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for name, value in conditions.items():
+        if value is None:
+            continue
+        if name == "since":
+            clauses.append("created_at >= ?")
+        elif name == "until":
+            clauses.append("created_at < ?")
+        else:
+            clauses.append(f"{name} = ?")
+        params.append(value)
+    where = "WHERE " + " AND ".join(clauses) if clauses else ""
+    return where, params
+
+
+def _record(row: Sequence[Any]) -> FileRecord:
+    record = FileRecord(*row)
+    if isinstance(record.metadata, str):
+        record.metadata = json.loads(record.metadata)
+    return record
+
+
+def missing_ranges(received: Sequence[int], total: int) -> list[list[int]]:
+    """The [first, last] runs of seqs in 1..total that are not in `received`."""
+    ranges: list[list[int]] = []
+    expected = 1
+    for seq in received:
+        if seq > expected:
+            ranges.append([expected, seq - 1])
+        expected = max(expected, seq + 1)
+    if expected <= total:
+        ranges.append([expected, total])
+    return ranges

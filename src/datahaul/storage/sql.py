@@ -1,0 +1,194 @@
+"""One small SQL layer over SQLite (embedded) and PostgreSQL (production).
+
+Both speak the same statements; only the placeholders, the binary column
+type and how a write transaction starts differ. Calls are blocking: the
+async parts of datahaul run them in threads, each thread with its own
+connection, which is what both drivers want.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import psycopg
+
+from datahaul.errors import ConfigError, StorageError
+
+Row = tuple[Any, ...]
+
+DATABASE_FAILURES: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Row | None: ...
+    def fetchall(self) -> list[Row]: ...
+
+
+class Database:
+    """A connection per thread to one database, named by a URL."""
+
+    dialect: str
+    blob_type: str
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def sql(self, statement: str) -> str:
+        return statement
+
+    @property
+    def connection(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self.connect()
+            self._local.connection = connection
+        return connection
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A write transaction: committed on success, rolled back on error."""
+        connection = self.connection
+        try:
+            self._begin(connection)
+            yield Transaction(self, connection)
+            connection.commit()
+        except BaseException:
+            with contextlib.suppress(*DATABASE_FAILURES):
+                connection.rollback()
+            raise
+
+    def query(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
+        """A read outside any write transaction."""
+        connection = self.connection
+        try:
+            rows: list[Row] = connection.execute(self.sql(statement), params).fetchall()
+        finally:
+            connection.rollback()
+        return rows
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+    def _begin(self, connection: Any) -> None:
+        pass
+
+
+class Transaction:
+    def __init__(self, database: Database, connection: Any) -> None:
+        self._database = database
+        self._connection = connection
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> Cursor:
+        cursor: Cursor = self._connection.execute(self._database.sql(statement), params)
+        return cursor
+
+    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        cursor = self._connection.cursor()
+        cursor.executemany(self._database.sql(statement), rows)
+
+
+class SQLiteDatabase(Database):
+    dialect = "sqlite"
+    blob_type = "BLOB"
+
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__(url)
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def connect(self) -> sqlite3.Connection:
+        # Several worker processes share the file: WAL lets readers run
+        # beside the one writer, and FULL makes a commit survive power loss,
+        # which is what lets a worker ack a packet after committing it.
+        connection = sqlite3.connect(
+            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA busy_timeout=60000")
+        connection.execute("PRAGMA foreign_keys=ON")
+        return _AutoBegin(connection)
+
+    def _begin(self, connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front, so two processes never
+        # deadlock upgrading their read locks.
+        connection.execute("BEGIN IMMEDIATE")
+
+
+class _AutoBegin:
+    """sqlite3 in autocommit mode, with rollback/commit safe outside a txn."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._connection.execute(statement, params)
+
+    def cursor(self) -> sqlite3.Cursor:
+        return self._connection.cursor()
+
+    def commit(self) -> None:
+        if self._connection.in_transaction:
+            self._connection.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._connection.in_transaction:
+            self._connection.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+    blob_type = "BYTEA"
+
+    def connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self.url, autocommit=False)
+        except psycopg.OperationalError as exc:
+            raise StorageError(
+                f"cannot connect to PostgreSQL at {_redact(self.url)}: {exc}"
+            ) from None
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+
+def open_database(url: str) -> Database:
+    """The database a catalog URL names: sqlite:///path or postgresql://..."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        path = url.removeprefix("sqlite://")
+        if not path or path == "/":
+            raise ConfigError(f"catalog URL {url!r} names no file; use sqlite:///PATH")
+        return SQLiteDatabase(url, Path(path))
+    if scheme in ("postgresql", "postgres"):
+        return PostgresDatabase(url)
+    raise ConfigError(
+        f"catalog URL {url!r} is neither sqlite:///PATH nor postgresql://..."
+    )
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url

@@ -1,0 +1,1 @@
+"""Workers: consume packets, stage them, assemble and store whole files."""

@@ -1,0 +1,193 @@
+"""Staging packets and putting whole files together: the workers' blocking core.
+
+Both steps are written to be repeated safely: a packet staged twice is
+recorded once, and a file finalized twice ends up stored once, because
+every write lands under a name fixed by the file and the catalog decides
+who wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import structlog
+
+from datahaul.config import Settings
+from datahaul.errors import IntegrityError, StorageError
+from datahaul.protocol.packet import Packet
+from datahaul.storage.blobs import BlobStore
+from datahaul.storage.catalog import (
+    FAILED,
+    STORED,
+    Catalog,
+    FileRecord,
+    StageOutcome,
+)
+
+log = structlog.get_logger("datahaul.worker")
+
+TEXT_LOCATION = "catalog:texts/"
+UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass
+class Finalized:
+    """The end of one file, as the worker that finished it saw it."""
+
+    record: FileRecord
+    state: str
+    duration: float
+
+
+class Assembler:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        staging: BlobStore,
+        blobs: BlobStore,
+        owner: str,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.staging = staging
+        self.blobs = blobs
+        self.owner = owner
+
+    def stage(self, packets: Sequence[Packet]) -> tuple[list[StageOutcome], set[str]]:
+        """Make packets durable: large payloads to staging, then the catalog.
+
+        Returns each packet's outcome and the files that became complete.
+        """
+        staged: list[tuple[Packet, str | None]] = []
+        keys: list[str] = []
+        for packet in packets:
+            if len(packet.data) <= self.settings.inline_chunk_bytes:
+                staged.append((packet, None))
+                continue
+            name = staged_name(packet)
+            key = f"{packet.file_id}/{name}"
+            self.staging.put(key, packet.data)
+            keys.append(key)
+            staged.append((packet, name))
+
+        # The catalog row is what makes a chunk count, so the staged bytes
+        # must be durable before it commits.
+        self.staging.sync(keys)
+        return self.catalog.stage(staged, self.settings.inline_chunk_bytes)
+
+    def finalize(self, file_id: str) -> Finalized | None:
+        """Assemble, verify and store a complete file, if this worker wins it."""
+        if not self.catalog.claim(file_id, self.owner, self.settings.lease_seconds):
+            return None
+        record = self.catalog.get(file_id)
+        if record is None:
+            return None
+        started = time.monotonic()
+        log.debug("file.assembling", file_id=file_id, packets=record.total_seq)
+
+        hasher = hashlib.sha256()
+        try:
+            state, location, text, error = self._store(record, hasher)
+        except IntegrityError as exc:
+            state, location, text, error = FAILED, None, None, str(exc)
+        sha256 = hasher.hexdigest()
+        if state == STORED and record.expected_sha256 not in (None, sha256):
+            state, location, text = FAILED, None, None
+            error = (
+                f"assembled SHA-256 {sha256} differs from the sender's "
+                f"{record.expected_sha256}"
+            )
+
+        finished = self.catalog.finish(
+            record,
+            self.owner,
+            state=state,
+            size=record.received_bytes,
+            sha256=sha256,
+            location=location,
+            error=error,
+            text=text,
+        )
+        if not finished:
+            log.warning("file.lease_lost", file_id=file_id, owner=self.owner)
+            return None
+        self.staging.delete_prefix(file_id)
+        if state == FAILED:
+            self._discard_blob(record)
+            log.error("file.failed", file_id=file_id, reason=error)
+        updated = self.catalog.get(file_id) or record
+        return Finalized(updated, state, time.monotonic() - started)
+
+    def _store(
+        self, record: FileRecord, hasher: hashlib._Hash
+    ) -> tuple[str, str | None, bytes | None, str | None]:
+        blocks = self._blocks(record, hasher)
+        if (
+            record.type == "text"
+            and record.received_bytes <= self.settings.max_text_bytes
+        ):
+            text = b"".join(blocks)
+            return STORED, TEXT_LOCATION + record.file_id, text, None
+        location = self.blobs.put_stream(blob_key(record), blocks)
+        return STORED, location, None, None
+
+    def _blocks(self, record: FileRecord, hasher: hashlib._Hash) -> Iterator[bytes]:
+        """The file's bytes in seq order, hashed on the way, lease kept alive."""
+        expected_seq = 1
+        renew_at = time.monotonic() + self.settings.lease_seconds / 3
+        for chunk in self.catalog.chunks(record.file_id):
+            if chunk.seq != expected_seq:
+                raise StorageError(
+                    f"file {record.file_id} lacks chunk {expected_seq} at assembly"
+                )
+            expected_seq += 1
+            if chunk.inline_data is not None:
+                data = chunk.inline_data
+            else:
+                data = self.staging.read(f"{record.file_id}/{chunk.staged_name}")
+            if len(data) != chunk.size:
+                raise IntegrityError(
+                    f"staged chunk {chunk.seq} of {record.file_id} has "
+                    f"{len(data)} bytes, {chunk.size} were recorded"
+                )
+            hasher.update(data)
+            yield data
+
+            if time.monotonic() > renew_at:
+                if not self.catalog.renew(
+                    record.file_id, self.owner, self.settings.lease_seconds
+                ):
+                    raise StorageError(f"lost the lease on {record.file_id}")
+                renew_at = time.monotonic() + self.settings.lease_seconds / 3
+
+    def _discard_blob(self, record: FileRecord) -> None:
+        if record.type != "text":
+            self.blobs.delete_prefix(blob_folder(record))
+
+
+def staged_name(packet: Packet) -> str:
+    """A name that differs when the bytes differ, so no rewrite clobbers a
+    chunk another worker already recorded."""
+    token = (
+        packet.chunk_sha256[:16]
+        if packet.chunk_sha256
+        else (f"{zlib.crc32(packet.data):08x}{len(packet.data):x}")
+    )
+    return f"{packet.seq:08d}-{token}"
+
+
+def blob_folder(record: FileRecord) -> str:
+    return f"{record.type}/{record.file_id[:2]}/{record.file_id}"
+
+
+def blob_key(record: FileRecord) -> str:
+    """Fixed by the file, so that a redone store replaces instead of adding."""
+    name = UNSAFE_NAME.sub("_", PurePosixPath(record.file_name or "").name)
+    return f"{blob_folder(record)}/{name.lstrip('.') or 'data'}"
