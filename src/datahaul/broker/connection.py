@@ -15,7 +15,7 @@ from datahaul.errors import BrokerError
 log = structlog.get_logger("datahaul.broker")
 
 CONNECT_TIMEOUT = 5.0
-BROKER_FAILURES = (
+BROKER_FAILURES: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     aio_pika.exceptions.AMQPError,

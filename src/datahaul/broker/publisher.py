@@ -19,6 +19,8 @@ from datahaul.errors import BrokerError
 
 log = structlog.get_logger("datahaul.broker")
 
+LINK_FAILURES: tuple[type[BaseException], ...] = (BrokerError, *BROKER_FAILURES)
+
 
 @dataclass
 class Outgoing:
@@ -121,7 +123,7 @@ class ConfirmingPublisher:
                     publisher_confirms=True, on_return_raises=True
                 )
                 self._exchange = await topology.declare(channel, self.settings)
-            except (BrokerError, *BROKER_FAILURES) as exc:
+            except LINK_FAILURES as exc:
                 self._set_link(False, str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

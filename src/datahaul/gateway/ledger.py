@@ -62,8 +62,8 @@ class Ledger:
         unknown = {p.file_id for p in packets if p.file_id not in self._shapes}
         if unknown:
             known = await self.db.run(lambda db: _load_shapes(db, unknown))
-            for file_id, shape in known.items():
-                self._shapes.setdefault(file_id, shape)
+            for file_id, known_shape in known.items():
+                self._shapes.setdefault(file_id, known_shape)
 
         for index, packet in enumerate(packets):
             shape = self._shapes.get(packet.file_id)

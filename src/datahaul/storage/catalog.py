@@ -392,7 +392,7 @@ class Catalog:
         )
         return _record(rows[0]) if rows else None
 
-    def list(
+    def list_files(
         self,
         *,
         type: str | None = None,

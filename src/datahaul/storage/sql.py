@@ -113,7 +113,7 @@ class SQLiteDatabase(Database):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def connect(self) -> sqlite3.Connection:
+    def connect(self) -> Any:
         # Several worker processes share the file: WAL lets readers run
         # beside the one writer, and FULL makes a commit survive power loss,
         # which is what lets a worker ack a packet after committing it.

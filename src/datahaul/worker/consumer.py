@@ -38,8 +38,8 @@ from datahaul.worker.assembler import Assembler
 log = structlog.get_logger("datahaul.worker")
 
 # Failures of our own storage, not of the packet: retry, never dead-letter.
-STORAGE_FAILURES = (DatahaulError, OSError, *DATABASE_FAILURES)
-DEAD_LETTER_FAILURES = (
+STORAGE_FAILURES: tuple[type[BaseException], ...] = (DatahaulError, OSError, *DATABASE_FAILURES)
+DEAD_LETTER_FAILURES: tuple[type[BaseException], ...] = (
     BrokerError,
     aio_pika.exceptions.DeliveryError,
     *BROKER_FAILURES,
