@@ -18,9 +18,9 @@ app.callback()(common.global_options)
 
 def _register_commands() -> None:
     # Each command lives in its own module and adds itself to the app.
-    from datahaul.cli import send, services
+    from datahaul.cli import catalog, demo, send, services
 
-    for module in (services, send):
+    for module in (services, send, catalog, demo):
         module.register(app)
 
 
