@@ -1,0 +1,245 @@
+"""`python -m bench`: choose the parts and sizes, run them, print the tables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+
+from bench import objstore, pipeline, rabbit
+from bench.procs import machine
+from bench.registry import REGISTRY, Options, RunContext, parts
+from bench.report import markdown, print_tables, write_doc
+from bench.units import GiB, KiB, MiB, parse_size, parse_sizes, size_name
+from datahaul.cli.common import setup_logging
+from datahaul.errors import DatahaulError
+
+log = structlog.get_logger("datahaul.bench")
+
+# The modules above register their parts when imported; naming them here
+# keeps the imports from looking unused and fixes the order parts run in.
+PART_MODULES = (rabbit, objstore, pipeline)
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_FILE = 64 * MiB
+FULL_FILE = 1 * GiB
+
+
+def parser() -> argparse.ArgumentParser:
+    described = "; ".join(f"{p.name}: {p.description}" for p in parts())
+    cli = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure datahaul end to end beside a bare RabbitMQ client "
+        "and the NATS object store, in one run.",
+        epilog=f"Parts, in the order they run: {described}.",
+    )
+    cli.add_argument(
+        "--parts",
+        default=",".join(p.name for p in parts()),
+        help="comma-separated parts to run (default: all)",
+    )
+    cli.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: a {size_name(QUICK_FILE)} file, 10,000 small messages",
+    )
+    cli.add_argument(
+        "--size",
+        type=parse_size,
+        help=f"source file size (default {size_name(FULL_FILE)})",
+    )
+    cli.add_argument(
+        "--chunk-sizes",
+        type=parse_sizes,
+        default=[256 * KiB, MiB],
+        help="chunk sizes for the file, e.g. 256K,1M (default)",
+    )
+    cli.add_argument("--queue-type", choices=["quorum", "classic"], default="quorum")
+    cli.add_argument(
+        "--small-size",
+        type=parse_size,
+        default=KiB,
+        help="size of the small messages (default 1K)",
+    )
+    cli.add_argument(
+        "--small-count",
+        type=int,
+        help="number of small messages (default 100000, quick 10000)",
+    )
+    cli.add_argument(
+        "--publish-sizes",
+        type=parse_sizes,
+        default=[KiB],
+        help="message sizes for the publish-alone ceiling (default 1K)",
+    )
+    cli.add_argument(
+        "--window",
+        type=int,
+        default=256,
+        help="publisher confirms in flight (default 256)",
+    )
+    cli.add_argument("--prefetch", type=int, default=64)
+    cli.add_argument(
+        "--amqp-url",
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        help="broker; each part runs in a fresh vhost of it",
+    )
+    cli.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    cli.add_argument("--nats-chunk", type=parse_size, default=128 * KiB)
+    cli.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="seconds one pipeline transfer may take",
+    )
+    cli.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the files go (default: a temporary directory)",
+    )
+    cli.add_argument(
+        "--write-doc",
+        nargs="?",
+        const=ROOT / "docs" / "benchmarks.md",
+        type=Path,
+        metavar="PATH",
+        help="write the tables into docs/benchmarks.md (or PATH)",
+    )
+    cli.add_argument(
+        "--json", type=Path, metavar="PATH", help="also save the figures as JSON"
+    )
+    cli.add_argument("-v", "--verbose", action="store_true")
+    return cli
+
+
+def main() -> None:
+    args = parser().parse_args()
+    setup_logging(args.verbose)
+    try:
+        chosen = chosen_parts(args.parts)
+    except DatahaulError as exc:
+        sys.exit(f"error: {exc}")
+
+    with tempfile.TemporaryDirectory(
+        prefix="datahaul-bench-", dir=args.work_dir
+    ) as tmp:
+        context = RunContext(options_from(args, Path(tmp)))
+        failures = asyncio.run(run_parts(context, chosen))
+
+    console = Console()
+    print_tables(context.figures, console)
+    for name, error in failures.items():
+        console.print(f"[red]part {name} failed:[/red] {error}")
+    save(args, context, failures)
+    if failures:
+        sys.exit(1)
+
+
+def chosen_parts(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in REGISTRY]
+    if unknown or not names:
+        raise DatahaulError(
+            f"unknown part(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(p.name for p in parts())}"
+        )
+    return names
+
+
+def options_from(args: argparse.Namespace, work_dir: Path) -> Options:
+    file_size = args.size or (QUICK_FILE if args.quick else FULL_FILE)
+    small_count = args.small_count or (10_000 if args.quick else 100_000)
+    return Options(
+        file_size=file_size,
+        chunk_sizes=args.chunk_sizes,
+        queue_type=args.queue_type,
+        small_size=args.small_size,
+        small_count=small_count,
+        publish_sizes=args.publish_sizes,
+        window=args.window,
+        prefetch=args.prefetch,
+        amqp_url=args.amqp_url,
+        nats_url=args.nats_url,
+        nats_chunk=args.nats_chunk,
+        work_dir=work_dir,
+        timeout=args.timeout,
+    )
+
+
+async def run_parts(context: RunContext, names: list[str]) -> dict[str, str]:
+    """Run each part in turn; one failing does not stop the others."""
+    failures = {}
+    for name in names:
+        started = time.perf_counter()
+        log.info("bench.part_started", part=name)
+        try:
+            context.figures += await REGISTRY[name].run(context)
+        except DatahaulError as exc:
+            failures[name] = str(exc)
+            log.error("bench.part_failed", part=name, error=str(exc))
+            continue
+        log.info(
+            "bench.part_done",
+            part=name,
+            seconds=round(time.perf_counter() - started, 1),
+        )
+    return failures
+
+
+def header(context: RunContext) -> list[str]:
+    """Command, date, machine and servers: what the reader needs to compare."""
+    options = context.options
+    host = machine()
+    command = "uv run python -m bench " + shlex.join(sys.argv[1:])
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    servers = [f"RabbitMQ {rabbitmq_version()}"]
+    servers += [f"{k} {v}" for k, v in sorted(context.facts.items())]
+    return [
+        f"- Command: `{command.strip()}`",
+        f"- Date: {now}",
+        f"- Machine: {host['cores']} cores ({host['cpu']}), {host['memory']} memory, "
+        f"Linux {host['kernel']}, Python {host['python']}",
+        f"- Servers: {', '.join(servers)}",
+        f"- Source file: {size_name(options.file_size)} of random bytes; "
+        f"{options.queue_type} queues; {options.window} confirms in flight; "
+        f"prefetch {options.prefetch}; MB = 10^6 bytes",
+    ]
+
+
+def rabbitmq_version() -> str:
+    try:
+        done = subprocess.run(
+            ["rabbitmqctl", "version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown)"
+    return done.stdout.strip()
+
+
+def save(
+    args: argparse.Namespace, context: RunContext, failures: dict[str, str]
+) -> None:
+    lines = header(context)
+    if args.write_doc:
+        write_doc(args.write_doc, markdown(context.figures, lines, failures))
+    if args.json:
+        record = {
+            "header": lines,
+            "figures": [asdict(figure) for figure in context.figures],
+            "failures": failures,
+        }
+        args.json.write_text(json.dumps(record, indent=2))

@@ -1,0 +1,445 @@
+"""The datahaul pipeline end to end: sender -> gateway -> RabbitMQ -> worker -> store.
+
+The gateway and a video worker run as their own processes in a fresh vhost
+with a fresh data directory; `datahaul send` sends the source file; the
+clock stops when the worker's "file stored" event arrives. The stored
+SHA-256 must equal the source's, or the figure is not reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import psutil
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from bench.procs import CpuMeter, PeakSampler, broker_process, tree_high_water
+from bench.rabbit import fresh_vhost
+from bench.registry import BenchmarkError, Figure, RunContext, SourceFile, benchmark
+from bench.units import MB, flag_name, mb_per_s, size_name
+
+log = structlog.get_logger("datahaul.bench")
+
+DATAHAUL = str(Path(sys.executable).with_name("datahaul"))
+EVENT_EXCHANGE = "datahaul.events"
+STORED_KEY = "file.stored.#"
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+@dataclass
+class Service:
+    """One datahaul process started for the benchmark, with its log file."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def psutil(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.process.returncode is not None:
+            raise BenchmarkError(
+                f"datahaul {self.name} exited with code {self.process.returncode}; "
+                f"the end of its log:\n{self.tail()}"
+            )
+
+
+@dataclass
+class StoredEvents:
+    """The 'file stored' events seen on the events exchange, by file id."""
+
+    arrivals: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        arrived = time.perf_counter()
+        body = json.loads(message.body)
+        self.arrivals.setdefault(str(body.get("file_id")), (arrived, body))
+        self.changed.set()
+        await message.ack()
+
+    async def wait_for(
+        self, file_id: str, within: float
+    ) -> tuple[float, dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while file_id not in self.arrivals:
+            self.changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchmarkError(
+                    f"no file.stored event for {file_id} within {within:g} s; "
+                    f"events seen for: {sorted(self.arrivals) or 'none'}"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return self.arrivals[file_id]
+
+
+@benchmark(
+    "pipeline",
+    "datahaul send -> gateway -> RabbitMQ -> video worker -> store",
+    order=50,
+)
+async def pipeline(context: RunContext) -> list[Figure]:
+    figures = []
+    for chunk in context.options.chunk_sizes:
+        figures += await one_transfer(context, chunk)
+    return figures
+
+
+async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
+    options = context.options
+    source = context.source()
+    data_dir = options.work_dir / f"pipeline-{flag_name(chunk)}"
+    port = free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+
+    async with fresh_vhost(options.amqp_url, "pipeline") as amqp_url:
+        env = os.environ | {
+            "DATAHAUL_AMQP_URL": amqp_url,
+            "DATAHAUL_DATA_DIR": str(data_dir),
+            "DATAHAUL_QUEUE_TYPE": options.queue_type,
+        }
+        async with services(env, port, data_dir) as (gateway, worker):
+            await wait_ready(gateway, worker, gateway_url, amqp_url)
+            async with stored_events(amqp_url) as events:
+                run = await timed_send(
+                    context, source, chunk, gateway_url, env, events, gateway, worker
+                )
+            stored = await status_of(run.file_id, env)
+
+    verify(source, run.event, stored)
+    return transfer_figures(options.queue_type, chunk, source, run)
+
+
+@dataclass(frozen=True)
+class TransferRun:
+    file_id: str
+    send_seconds: float
+    stored_seconds: float
+    event: dict[str, Any]
+    peaks: dict[str, int]
+    high_water: dict[str, int]
+    cores: str
+
+
+async def timed_send(
+    context: RunContext,
+    source: SourceFile,
+    chunk: int,
+    gateway_url: str,
+    env: dict[str, str],
+    events: StoredEvents,
+    gateway: Service,
+    worker: Service,
+) -> TransferRun:
+    """Send the file; the clock runs from the sender's start to the event."""
+    watched = {"gateway": gateway.psutil, "worker": worker.psutil}
+    broker = broker_process()
+    meter = CpuMeter(watched | ({"broker": broker} if broker else {}))
+    sampler = PeakSampler(watched)
+    sampler.start()
+    try:
+        with meter.measure():
+            started = time.perf_counter()
+            output = await run_sender(source.path, chunk, gateway_url, env, context)
+            sent = time.perf_counter()
+            file_id = file_id_from(output)
+            arrived, event = await events.wait_for(file_id, context.options.timeout)
+        high_water = {name: tree_high_water(p) for name, p in watched.items()}
+    finally:
+        peaks = sampler.stop()
+    gateway.check_alive()
+    worker.check_alive()
+    return TransferRun(
+        file_id,
+        sent - started,
+        arrived - started,
+        event,
+        peaks,
+        high_water,
+        meter.cores(),
+    )
+
+
+async def run_sender(
+    path: Path, chunk: int, gateway_url: str, env: dict[str, str], context: RunContext
+) -> str:
+    command = [
+        DATAHAUL, "send", str(path), "--type", "video",
+        "--chunk-size", flag_name(chunk), "--gateway", gateway_url, "--json",
+    ]  # fmt: skip
+    sender = await asyncio.create_subprocess_exec(
+        *command,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(sender.communicate(), context.options.timeout)
+    except TimeoutError:
+        sender.kill()
+        await sender.wait()
+        raise BenchmarkError(
+            f"datahaul send did not finish within {context.options.timeout:g} s"
+        ) from None
+    if sender.returncode != 0:
+        raise BenchmarkError(
+            f"`{' '.join(command)}` exited with code {sender.returncode}: "
+            f"{err.decode(errors='replace').strip()[-2000:]}"
+        )
+    return out.decode()
+
+
+def file_id_from(output: str) -> str:
+    """The file id in the sender's --json output (one object, a list, or lines)."""
+    documents: list[Any] = []
+    try:
+        documents.append(json.loads(output))
+    except json.JSONDecodeError:
+        for line in output.splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                documents.append(json.loads(line))
+    for document in documents:
+        for item in document if isinstance(document, list) else [document]:
+            if isinstance(item, dict):
+                files = item.get("files")
+                if isinstance(files, list) and files and isinstance(files[0], dict):
+                    item = files[0]
+                if "file_id" in item:
+                    return str(item["file_id"])
+    raise BenchmarkError(
+        f"datahaul send --json printed no file_id; it printed: {output.strip()[:500]!r}"
+    )
+
+
+async def status_of(file_id: str, env: dict[str, str]) -> dict[str, Any]:
+    """`datahaul status FILE_ID --json`, the catalog's own account of the file."""
+    status = await asyncio.create_subprocess_exec(
+        DATAHAUL, "status", file_id, "--json",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await status.communicate()
+    if status.returncode != 0:
+        raise BenchmarkError(
+            f"datahaul status {file_id} --json exited with code {status.returncode}: "
+            f"{err.decode(errors='replace').strip()[-1000:]}"
+        )
+    try:
+        document = json.loads(out)
+    except json.JSONDecodeError:
+        raise BenchmarkError(
+            f"datahaul status --json printed no JSON: {out.decode()[:300]!r}"
+        ) from None
+    if not isinstance(document, dict):
+        raise BenchmarkError(f"datahaul status --json printed {document!r}")
+    return document
+
+
+def verify(source: SourceFile, event: dict[str, Any], stored: dict[str, Any]) -> None:
+    """The event, the catalog and the stored bytes must all match the source."""
+    claims = {
+        "file.stored event": (event.get("sha256"), event.get("size")),
+        "datahaul status": (stored.get("sha256"), stored.get("size")),
+    }
+    for where, (sha256, size) in claims.items():
+        if sha256 != source.sha256 or (size is not None and int(size) != source.size):
+            raise BenchmarkError(
+                f"{where} reports SHA-256 {sha256} and size {size}, but the source "
+                f"has {source.sha256} and {source.size} bytes"
+            )
+    if stored.get("state") != "stored":
+        raise BenchmarkError(f"datahaul status says state={stored.get('state')!r}")
+    location = stored_path(stored.get("location"))
+    if location is not None and sha256_of(location) != source.sha256:
+        raise BenchmarkError(f"the bytes stored at {location} differ from the source")
+
+
+def stored_path(location: object) -> Path | None:
+    """The blob's path when the store is a local directory, else None."""
+    if not isinstance(location, str):
+        return None
+    path = Path(location.removeprefix("file://"))
+    return path if path.is_file() else None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as blob:
+        while block := blob.read(8 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def transfer_figures(
+    queue_type: str, chunk: int, source: SourceFile, run: TransferRun
+) -> list[Figure]:
+    chunk_name = size_name(chunk)
+    rate = mb_per_s(source.size, run.stored_seconds)
+    detail = (
+        f"{size_name(source.size)} stored {run.stored_seconds:.2f} s after the "
+        f"sender started (sender done at {run.send_seconds:.2f} s); SHA-256 "
+        f"verified; {run.cores}"
+    )
+    figures = [
+        Figure(
+            f"pipeline/video/{queue_type}/{chunk}",
+            f"datahaul pipeline, video, {queue_type}, {chunk_name} chunks",
+            rate,
+            "MB/s",
+            detail,
+        )
+    ]
+    for name in ("gateway", "worker"):
+        figures.append(
+            Figure(
+                f"mem/{name}/{chunk}",
+                f"{name} peak RSS, {chunk_name} chunks",
+                run.peaks[name] / MB,
+                "MB",
+                f"sampled every 50 ms, children included; kernel VmHWM sum "
+                f"{run.high_water[name] / MB:.1f} MB; file {size_name(source.size)}",
+            )
+        )
+    return figures
+
+
+# --- starting and stopping the services --------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def services(
+    env: dict[str, str], port: int, data_dir: Path
+) -> AsyncIterator[tuple[Service, Service]]:
+    make_dir(data_dir)
+    gateway = await start("gateway", ["gateway", "--port", str(port)], env, data_dir)
+    try:
+        worker = await start("worker", ["worker", "--type", "video"], env, data_dir)
+        try:
+            yield gateway, worker
+        finally:
+            await stop(worker)
+    finally:
+        await stop(gateway)
+
+
+def make_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+async def start(
+    name: str, args: list[str], env: dict[str, str], data_dir: Path
+) -> Service:
+    log_path = data_dir.parent / f"{data_dir.name}-{name}.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            DATAHAUL, *args, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+        )
+    return Service(name, process, log_path)
+
+
+async def stop(service: Service) -> None:
+    """SIGTERM for a clean shutdown; SIGKILL if it does not come."""
+    if service.process.returncode is not None:
+        return
+    service.process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(service.process.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        log.warning("bench.service_killed", service=service.name)
+        service.process.kill()
+        await service.process.wait()
+
+
+async def wait_ready(
+    gateway: Service, worker: Service, gateway_url: str, amqp_url: str
+) -> None:
+    """The gateway answers /healthz and the worker consumes the video queue."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    async with aiohttp.ClientSession() as session:
+        while not await healthy(session, gateway_url):
+            gateway.check_alive()
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchmarkError(
+                    f"the gateway did not answer {gateway_url}/healthz within "
+                    f"{READY_TIMEOUT:g} s; its log:\n{gateway.tail()}"
+                )
+            await asyncio.sleep(0.2)
+    while await video_consumers(amqp_url) < 1:
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchmarkError(
+                f"the worker did not consume video_data_queue within "
+                f"{READY_TIMEOUT:g} s; its log:\n{worker.tail()}"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def healthy(session: aiohttp.ClientSession, gateway_url: str) -> bool:
+    try:
+        async with session.get(f"{gateway_url}/healthz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def video_consumers(amqp_url: str) -> int:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("video_data_queue", passive=True)
+        return int(queue.declaration_result.consumer_count or 0)
+    except aio_pika.exceptions.ChannelClosed:
+        return 0
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def stored_events(amqp_url: str) -> AsyncIterator[StoredEvents]:
+    """Subscribe to file.stored events before anything is sent."""
+    events = StoredEvents()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            EVENT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=STORED_KEY)
+        await queue.consume(events.on_message)
+        yield events
+    finally:
+        await connection.close()

@@ -1,0 +1,178 @@
+"""Watching processes: peak memory, CPU time, and the machine they run on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench.units import MB
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of a process and all its children, right now."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def tree_high_water(process: psutil.Process) -> int:
+    """Sum of the kernel's per-process RSS peaks (VmHWM): an upper bound.
+
+    The kernel keeps each process's peak exactly, so this catches spikes
+    between two samples; summing peaks reached at different moments can
+    only overstate the tree's true peak.
+    """
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{member.pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def tree_cpu_seconds(process: psutil.Process) -> float:
+    """User plus system CPU seconds of a process and its live children."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user
+        total += times.children_system
+    return total
+
+
+@dataclass
+class PeakSampler:
+    """Samples the RSS of some process trees in a thread until stopped."""
+
+    processes: dict[str, psutil.Process]
+    interval: float = 0.05
+    peaks: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.peaks = dict.fromkeys(self.processes, 0)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        return self.peaks
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        for name, process in self.processes.items():
+            try:
+                self.peaks[name] = max(self.peaks[name], tree_rss(process))
+            except psutil.NoSuchProcess:
+                continue
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by named processes (and this one) over an interval."""
+
+    processes: dict[str, psutil.Process]
+    used: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[CpuMeter]:
+        before = self._read()
+        started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.wall = time.perf_counter() - started
+            after = self._read()
+            self.used = {name: after[name] - before[name] for name in before}
+
+    def cores(self) -> str:
+        """'client 0.71, broker 0.95': average cores busy, per process."""
+        if self.wall <= 0:
+            return ""
+        parts = [f"{n} {s / self.wall:.2f}" for n, s in self.used.items()]
+        return "cores busy: " + ", ".join(parts)
+
+    def _read(self) -> dict[str, float]:
+        readings = {"client": time.process_time()}
+        for name, process in self.processes.items():
+            try:
+                readings[name] = tree_cpu_seconds(process)
+            except psutil.NoSuchProcess:
+                readings[name] = 0.0
+        return readings
+
+
+def broker_process() -> psutil.Process | None:
+    """The RabbitMQ node's Erlang VM, as rabbitmqctl reports it."""
+    try:
+        result = subprocess.run(
+            ["rabbitmqctl", "eval", "os:getpid()."],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return psutil.Process(int(result.stdout.strip().strip('"')))
+    except (OSError, subprocess.SubprocessError, ValueError, psutil.Error):
+        return None
+
+
+def named_process(name: str, hint: str = "") -> psutil.Process | None:
+    """The first process called `name` whose command line contains `hint`."""
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.info["name"] == name and hint in cmdline:
+            return process
+    return None
+
+
+def machine() -> dict[str, str]:
+    """Cores, memory, CPU model and kernel: what a reader needs to compare."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor()
+    memory = psutil.virtual_memory().total
+    return {
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory / (1024**3):.1f} GiB",
+        "cpu": model or "unknown",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def megabytes(size: int) -> float:
+    return size / MB

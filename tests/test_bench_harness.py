@@ -1,0 +1,146 @@
+"""The benchmark harness: its parsing, its pairing of figures, and a tiny real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# bench/ is a tool next to the package, not installed with it.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.pipeline import file_id_from  # noqa: E402
+from bench.rabbit import fresh_vhost, rabbitmqctl, round_trip, small_bodies  # noqa: E402
+from bench.registry import BenchmarkError, Figure, Options  # noqa: E402
+from bench.report import BEGIN, END, comparisons, write_doc  # noqa: E402
+from bench.units import flag_name, parse_size, size_name  # noqa: E402
+
+from datahaul.errors import ConfigError  # noqa: E402
+
+
+def test_sizes_are_read_as_people_write_them() -> None:
+    """Plain numbers and K/M/G suffixes (with or without iB) are powers of 1024."""
+    assert parse_size("1024") == 1024
+    assert parse_size("256K") == 256 * 1024
+    assert parse_size("64MiB") == 64 * 1024 * 1024
+    assert parse_size("1g") == 1024**3
+    assert size_name(256 * 1024) == "256 KiB"
+    assert flag_name(1024 * 1024) == "1M"
+
+
+@pytest.mark.parametrize("text", ["12X", "0", "", "K"])
+def test_a_bad_size_is_refused_with_an_example(text: str) -> None:
+    """A size that cannot be read raises ConfigError naming it and an example."""
+    with pytest.raises(ConfigError, match="256K"):
+        parse_size(text)
+
+
+def test_a_pipeline_figure_is_held_against_the_ceiling_of_its_own_size() -> None:
+    """Ratios pair the same queue type and chunk size; memory meets its limit."""
+    figures = [
+        Figure("bare/quorum/262144", "bare 256K", 200.0, "MB/s"),
+        Figure("bare/quorum/1048576", "bare 1M", 100.0, "MB/s"),
+        Figure("nats/putget", "nats", 40.0, "MB/s"),
+        Figure("pipeline/video/quorum/262144", "pipe 256K", 150.0, "MB/s"),
+        Figure("mem/worker/262144", "worker", 151.0, "MB"),
+    ]
+    checks = {
+        (c.figure.key, c.ceiling.key if c.ceiling else None): c
+        for c in comparisons(figures)
+    }
+
+    versus_bare = checks[("pipeline/video/quorum/262144", "bare/quorum/262144")]
+    assert versus_bare.ratio == pytest.approx(0.75)
+    assert not versus_bare.met
+    assert checks[("pipeline/video/quorum/262144", "nats/putget")].met
+    assert not checks[("mem/worker/262144", None)].met
+    assert len(checks) == 3
+
+
+def test_writing_the_doc_keeps_what_is_outside_the_markers(tmp_path: Path) -> None:
+    """Only the generated section is replaced; hand-written text stays."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        f"# Intro by hand\n\n{BEGIN}\nold table\n{END}\n\n## Notes by hand\n"
+    )
+
+    write_doc(doc, f"{BEGIN}\nnew table\n{END}")
+
+    text = doc.read_text()
+    assert "# Intro by hand" in text
+    assert "## Notes by hand" in text
+    assert "new table" in text
+    assert "old table" not in text
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        '{"file_id": "f1", "sha256": "x"}',
+        '[{"file_id": "f1"}]',
+        '{"files": [{"file_id": "f1"}]}',
+        'progress\n{"file_id": "f1"}\n',
+    ],
+)
+def test_the_file_id_is_found_in_the_senders_json(output: str) -> None:
+    """The sender's --json output yields the file id in each plausible shape."""
+    assert file_id_from(output) == "f1"
+
+
+def test_a_sender_output_without_file_id_is_an_error() -> None:
+    """Output without a file id raises an error quoting what was printed."""
+    with pytest.raises(BenchmarkError, match="no file_id"):
+        file_id_from("sent 1 file")
+
+
+async def test_the_bare_client_moves_every_message_and_removes_its_vhost() -> None:
+    """A small round trip consumes every byte it published; the vhost is gone after."""
+    options = Options(
+        file_size=0, chunk_sizes=[], queue_type="quorum", small_size=1024,
+        small_count=300, publish_sizes=[], window=64, prefetch=16,
+        amqp_url="amqp://guest:guest@127.0.0.1:5672/", nats_url="", nats_chunk=0,
+        work_dir=Path("."), timeout=60.0,
+    )  # fmt: skip
+    async with fresh_vhost(options.amqp_url, "test") as url:
+        vhost = url.rsplit("/", 1)[1]
+        run = await round_trip(url, "quorum", small_bodies(1024, 300), 300, options)
+
+    assert run.messages == 300
+    assert run.payload_bytes == 300 * 1024
+    assert 0 < run.publish_seconds <= run.total_seconds
+    assert vhost not in (await rabbitmqctl("list_vhosts")).split()
+
+
+def test_the_command_runs_the_ceilings_and_saves_figures(tmp_path: Path) -> None:
+    """`python -m bench` on tiny sizes measures RabbitMQ and NATS and saves JSON."""
+    saved = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "bare,bare-1k,nats",
+         "--size", "2M", "--chunk-sizes", "256K", "--small-count", "500",
+         "--json", str(saved), "--work-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    keys = {figure["key"] for figure in json.loads(saved.read_text())["figures"]}
+    assert keys == {
+        "bare/quorum/262144", "bare/quorum/1024",
+        "nats/put", "nats/get", "nats/putget",
+    }  # fmt: skip
+    assert list(tmp_path.iterdir()) == [saved]
+
+
+def test_an_unknown_part_is_refused_with_the_choices() -> None:
+    """Asking for a part that does not exist names it and lists the real ones."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "warp-drive"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert done.returncode != 0
+    assert "warp-drive" in done.stderr
+    assert "pipeline" in done.stderr
