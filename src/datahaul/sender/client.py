@@ -1,0 +1,793 @@
+"""The robot side: an async Sender that moves files to a datahaul gateway.
+
+    async with Sender("http://gateway:8080") as sender:
+        result = await sender.send_file("drive-0042.mp4", device_id="robot-7")
+
+A file is read twice and never held whole: once to compute its SHA-256 (which
+also gives its default id), then chunk by chunk as packets leave. The gateway
+is asked first what it already has, so a re-send moves only what is missing.
+Large chunks travel as raw PUTs; small ones are gathered, across files, into
+JSON batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+import structlog
+
+from datahaul.config import Settings
+from datahaul.errors import ConfigError, DatahaulError
+from datahaul.protocol.packet import DataType, Packet
+from datahaul.sender.batching import Batcher, Queued, encode_batch
+from datahaul.sender.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    BytesSource,
+    ChunkPlan,
+    ChunkSource,
+    FileSource,
+    KiB,
+    check_file_id,
+    check_type,
+    file_id_from_sha256,
+    guess_content_type,
+    infer_type,
+    parse_size,
+    seqs_in_ranges,
+    sha256_of,
+)
+from datahaul.sender.errors import (
+    GatewayRejected,
+    GatewayUnavailable,
+    ResumeConflict,
+    SendError,
+)
+from datahaul.sender.retry import Outcome, RetryPolicy, classify
+
+log = structlog.get_logger("datahaul.sender")
+
+DEFAULT_CONCURRENCY = 8
+INLINE_LIMIT = 64 * KiB
+BATCH_BYTES = 256 * KiB
+BATCH_PACKETS = 500
+FILES_IN_FLIGHT = 64
+# aiohttp refuses header lines over 8 KiB; past this, fields go in a JSON body.
+HEADER_BUDGET = 4 * KiB
+
+Phase = Literal["hashing", "sending", "done", "failed"]
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A step of one file's send; `advance` is bytes newly done since the last."""
+
+    source: str
+    phase: Phase
+    size: int
+    advance: int = 0
+
+
+ProgressHook = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What became of one file: its identity and how many packets moved."""
+
+    source: str
+    file_id: str
+    file_name: str
+    type: DataType
+    size: int
+    sha256: str
+    total_seq: int
+    packets_sent: int
+    packets_skipped: int
+    packets_buffered: int
+
+    @property
+    def status(self) -> str:
+        if self.packets_sent == 0:
+            return "already sent"
+        if self.packets_buffered:
+            return "sent (buffered)"
+        return "sent"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "file_id": self.file_id,
+            "file_name": self.file_name,
+            "type": self.type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "total_seq": self.total_seq,
+            "packets_sent": self.packets_sent,
+            "packets_skipped": self.packets_skipped,
+            "packets_buffered": self.packets_buffered,
+            "status": self.status,
+        }
+
+
+@dataclass
+class _FileSend:
+    """One file on its way: its packets' shared fields and running counts."""
+
+    source: str
+    file_id: str
+    file_name: str
+    type: DataType
+    content_type: str | None
+    device_id: str | None
+    metadata: dict[str, Any] | None
+    sha256: str
+    plan: ChunkPlan
+    raw_fields: dict[str, str] = field(default_factory=dict)
+    sent: int = 0
+    buffered: int = 0
+
+    def packet(self, seq: int, data: bytes) -> Packet:
+        return Packet(
+            type=self.type,
+            file_id=self.file_id,
+            seq=seq,
+            total_seq=self.plan.total_seq,
+            data=data,
+            file_name=self.file_name,
+            content_type=self.content_type,
+            device_id=self.device_id,
+            chunk_sha256=hashlib.sha256(data).hexdigest(),
+            file_sha256=self.sha256,
+            metadata=self.metadata,
+        )
+
+
+class _Refused(Exception):
+    """The gateway answered 4xx; carries its JSON error for the caller to name."""
+
+    def __init__(self, status: int, answer: Mapping[str, Any]) -> None:
+        self.status = status
+        self.answer = answer
+        super().__init__(f"HTTP {status}: {answer}")
+
+    @property
+    def index(self) -> int | None:
+        index = self.answer.get("index")
+        return index if isinstance(index, int) else None
+
+    def naming(self, file_id: str, seq: int | None) -> GatewayRejected:
+        return GatewayRejected(
+            status=self.status,
+            file_id=file_id,
+            seq=seq,
+            field=str(self.answer.get("field") or "request"),
+            reason=str(
+                self.answer.get("reason") or self.answer.get("error") or "refused"
+            ),
+        )
+
+
+class Sender:
+    """Sends files to one gateway over a pool of keep-alive connections.
+
+    `concurrency` bounds the requests in flight (a batch of small packets is
+    one request); with it, memory stays near concurrency x chunk size however
+    large the files are. `progress`, if set, hears of every step of every file.
+    """
+
+    def __init__(
+        self,
+        gateway_url: str | None = None,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retry: RetryPolicy | None = None,
+        progress: ProgressHook | None = None,
+        request_timeout: float = 120.0,
+        inline_limit: int = INLINE_LIMIT,
+        batch_bytes: int = BATCH_BYTES,
+        batch_packets: int = BATCH_PACKETS,
+        files_in_flight: int = FILES_IN_FLIGHT,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        if files_in_flight < 1:
+            raise ConfigError(
+                f"files_in_flight must be at least 1, got {files_in_flight}"
+            )
+        url = gateway_url or Settings.load().gateway_url
+        self.gateway_url = _check_url(url)
+        self.concurrency = concurrency
+        self._retry = retry or RetryPolicy()
+        self.progress = progress
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10.0, sock_read=request_timeout
+        )
+        self._inline_limit = inline_limit
+        self._batch_bytes = batch_bytes
+        self._batch_packets = batch_packets
+        self._files_in_flight = files_in_flight
+        self._rng = random.Random()
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._batcher: Batcher | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Sender:
+        connector = aiohttp.TCPConnector(
+            limit=self.concurrency + 1, keepalive_timeout=60.0
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, raise_for_status=False
+        )
+        self._batcher = Batcher(
+            self._post_batch,
+            self._slots,
+            max_bytes=self._batch_bytes,
+            max_packets=self._batch_packets,
+        )
+        self._dispatcher = asyncio.create_task(self._batcher.run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._batcher is not None:
+            await self._batcher.close()
+        if self._session is not None:
+            await self._session.close()
+        self._session = self._batcher = self._dispatcher = None
+
+    async def send_file(
+        self,
+        path: str | PathLike[str],
+        *,
+        type: str | None = None,
+        file_id: str | None = None,
+        device_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+    ) -> SendResult:
+        """Send one file from disk, resuming whatever the gateway already has."""
+        path = Path(path)
+        data_type = check_type(type) if type else infer_type(path.name)
+        source = await asyncio.to_thread(_open, path)
+        try:
+            return await self._send(
+                source,
+                label=str(path),
+                file_name=path.name,
+                data_type=data_type,
+                file_id=file_id,
+                device_id=device_id,
+                metadata=metadata,
+                chunk_size=chunk_size,
+            )
+        finally:
+            source.close()
+
+    async def send_bytes(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        type: str | None,
+        file_name: str,
+        file_id: str | None = None,
+        device_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+        content_type: str | None = None,
+    ) -> SendResult:
+        """Send bytes a robot already holds, as the file `file_name`."""
+        if not file_name or "/" in file_name:
+            raise ConfigError(
+                f"file name {file_name!r} must be a plain, non-empty name without '/'"
+            )
+        data_type = check_type(type) if type else infer_type(file_name, content_type)
+        return await self._send(
+            BytesSource(data),
+            label=file_name,
+            file_name=file_name,
+            data_type=data_type,
+            file_id=file_id,
+            device_id=device_id,
+            metadata=metadata,
+            chunk_size=chunk_size,
+            content_type=content_type,
+        )
+
+    async def send_files(
+        self,
+        paths: Iterable[str | PathLike[str]],
+        *,
+        type: str | None = None,
+        device_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int | str = DEFAULT_CHUNK_SIZE,
+    ) -> list[SendResult | DatahaulError]:
+        """Send many files at once; each entry is its path's result or its error.
+
+        One file failing does not stop the others; the caller looks at each.
+        """
+        gate = asyncio.Semaphore(self._files_in_flight)
+
+        async def send_one(path: str | PathLike[str]) -> SendResult | DatahaulError:
+            async with gate:
+                try:
+                    return await self.send_file(
+                        path,
+                        type=type,
+                        device_id=device_id,
+                        metadata=metadata,
+                        chunk_size=chunk_size,
+                    )
+                except DatahaulError as error:
+                    return error
+
+        return list(await asyncio.gather(*(send_one(path) for path in paths)))
+
+    async def file_status(self, file_id: str) -> dict[str, Any] | None:
+        """What the gateway holds of a file, or None when it has seen none of it."""
+        check_file_id(file_id)
+        await self._slots.acquire()
+        try:
+            status, answer = await self._request(
+                "GET", f"/v1/files/{file_id}", also_ok=(404,)
+            )
+        except _Refused as refusal:
+            raise refusal.naming(file_id, None) from None
+        finally:
+            self._slots.release()
+        if status == 404:
+            return None
+        if not isinstance(answer, dict):
+            raise SendError(
+                f"the gateway's status of file {file_id} is not a JSON object: "
+                f"{answer!r}; is {self.gateway_url} a datahaul gateway?"
+            )
+        return answer
+
+    async def _send(
+        self,
+        source: ChunkSource,
+        *,
+        label: str,
+        file_name: str,
+        data_type: DataType,
+        file_id: str | None,
+        device_id: str | None,
+        metadata: Mapping[str, Any] | None,
+        chunk_size: int | str,
+        content_type: str | None = None,
+    ) -> SendResult:
+        started = time.monotonic()
+        self._emit(label, "hashing", source.size)
+        try:
+            state = await self._prepare(
+                source,
+                label=label,
+                file_name=file_name,
+                data_type=data_type,
+                file_id=file_id,
+                device_id=device_id,
+                metadata=_check_metadata(metadata),
+                chunk_size=parse_size(chunk_size),
+                content_type=content_type or guess_content_type(file_name),
+            )
+            result = await self._deliver(state, source)
+        except BaseException:
+            self._emit(label, "failed", source.size)
+            raise
+        self._emit(label, "done", source.size)
+        log.info(
+            "file.sent",
+            file_id=result.file_id,
+            file_name=result.file_name,
+            type=result.type,
+            bytes=result.size,
+            packets_sent=result.packets_sent,
+            packets_skipped=result.packets_skipped,
+            packets_buffered=result.packets_buffered,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return result
+
+    async def _prepare(
+        self,
+        source: ChunkSource,
+        *,
+        label: str,
+        file_name: str,
+        data_type: DataType,
+        file_id: str | None,
+        device_id: str | None,
+        metadata: dict[str, Any] | None,
+        chunk_size: int,
+        content_type: str | None,
+    ) -> _FileSend:
+        if file_id is not None:
+            check_file_id(file_id)
+        sha256 = await asyncio.to_thread(sha256_of, source)
+        state = _FileSend(
+            source=label,
+            file_id=file_id or file_id_from_sha256(sha256),
+            file_name=file_name,
+            type=data_type,
+            content_type=content_type,
+            device_id=device_id,
+            metadata=metadata,
+            sha256=sha256,
+            plan=ChunkPlan(source.size, chunk_size),
+        )
+        state.raw_fields = _raw_fields(state)
+        return state
+
+    async def _deliver(self, state: _FileSend, source: ChunkSource) -> SendResult:
+        seqs = self._seqs_to_send(state, await self.file_status(state.file_id))
+        skipped = state.plan.total_seq - len(seqs)
+        if skipped:
+            missing_bytes = sum(state.plan.length(seq) for seq in seqs)
+            self._emit(
+                state.source,
+                "sending",
+                state.plan.size,
+                state.plan.size - missing_bytes,
+            )
+        await self._send_seqs(state, source, seqs)
+        if isinstance(source, FileSource):
+            source.check_unchanged()
+        return SendResult(
+            source=state.source,
+            file_id=state.file_id,
+            file_name=state.file_name,
+            type=state.type,
+            size=state.plan.size,
+            sha256=state.sha256,
+            total_seq=state.plan.total_seq,
+            packets_sent=state.sent,
+            packets_skipped=skipped,
+            packets_buffered=state.buffered,
+        )
+
+    def _seqs_to_send(
+        self, state: _FileSend, status: Mapping[str, Any] | None
+    ) -> list[int]:
+        total_seq = state.plan.total_seq
+        if status is None:
+            return list(range(1, total_seq + 1))
+        known_type = status.get("type")
+        if known_type is not None and known_type != state.type:
+            raise ResumeConflict(
+                f"the gateway already has file {state.file_id} as {known_type}, "
+                f"not {state.type}; send it with --type {known_type}, or pass "
+                "another --file-id to store it as a separate file"
+            )
+        known_total = status.get("total_seq")
+        if known_total is not None and known_total != total_seq:
+            raise ResumeConflict(
+                f"the gateway already has file {state.file_id} in {known_total} "
+                f"packets, but this send cuts it into {total_seq}; send it again "
+                "with the --chunk-size used the first time, or pass another "
+                "--file-id to store it as a separate file"
+            )
+        if status.get("complete") is True:
+            return []
+        try:
+            return seqs_in_ranges(status.get("missing") or [], total_seq)
+        except (TypeError, ValueError) as error:
+            raise SendError(
+                f"the gateway's missing ranges for file {state.file_id} make no "
+                f"sense ({error}); is {self.gateway_url} a datahaul gateway?"
+            ) from None
+
+    async def _send_seqs(
+        self, state: _FileSend, source: ChunkSource, seqs: list[int]
+    ) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for seq in seqs:
+                    if self._goes_raw(state, seq):
+                        await self._slots.acquire()
+                        try:
+                            packet = await self._read_packet(state, source, seq)
+                        except BaseException:
+                            self._slots.release()
+                            raise
+                        group.create_task(self._put(state, packet))
+                    else:
+                        packet = await self._read_packet(state, source, seq)
+                        accepted = await self._enqueue(packet)
+                        group.create_task(
+                            self._settle(state, packet.seq, len(packet.data), accepted)
+                        )
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+
+    def _goes_raw(self, state: _FileSend, seq: int) -> bool:
+        return bool(state.raw_fields) and state.plan.length(seq) > self._inline_limit
+
+    async def _read_packet(
+        self, state: _FileSend, source: ChunkSource, seq: int
+    ) -> Packet:
+        offset, length = state.plan.offset(seq), state.plan.length(seq)
+        data = await asyncio.to_thread(source.read, offset, length)
+        return state.packet(seq, data)
+
+    async def _put(self, state: _FileSend, packet: Packet) -> None:
+        headers = {
+            _header_name(name): value for name, value in state.raw_fields.items()
+        }
+        headers[_header_name("chunk_sha256")] = packet.chunk_sha256 or ""
+        params = _query_fields(state)
+        try:
+            _, answer = await self._request(
+                "PUT",
+                f"/v1/files/{packet.file_id}/chunks/{packet.seq}",
+                data=packet.data,
+                headers=headers,
+                params=params,
+            )
+        except _Refused as refusal:
+            raise refusal.naming(packet.file_id, packet.seq) from None
+        finally:
+            self._slots.release()
+        self._record(state, packet.seq, len(packet.data), _buffered(answer))
+
+    async def _enqueue(self, packet: Packet) -> asyncio.Future[bool]:
+        # Waiting here while the batch is full is what bounds memory: the
+        # next chunk is read only once this one has found a place.
+        if self._batcher is None:
+            raise RuntimeError("use the Sender inside `async with Sender(...)`")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        encoded = _encoder.encode(packet)
+        await self._batcher.add(Queued(packet.file_id, packet.seq, encoded, future))
+        return future
+
+    async def _settle(
+        self, state: _FileSend, seq: int, length: int, accepted: asyncio.Future[bool]
+    ) -> None:
+        buffered = await accepted
+        self._record(state, seq, length, buffered)
+
+    async def _post_batch(self, items: list[Queued]) -> None:
+        try:
+            await self._post_items(items)
+        except asyncio.CancelledError:
+            for item in items:
+                item.fail(SendError("the sender closed before the packet was sent"))
+            raise
+        except Exception as error:
+            for item in items:
+                item.fail(error)
+        finally:
+            self._slots.release()
+
+    async def _post_items(self, items: list[Queued]) -> None:
+        items = [item for item in items if not item.future.done()]
+        if not items:
+            return
+        try:
+            _, answer = await self._request(
+                "POST",
+                "/v1/packets",
+                data=encode_batch(items),
+                headers={"Content-Type": "application/json"},
+            )
+        except _Refused as refusal:
+            await self._after_refusal(items, refusal)
+            return
+        except DatahaulError as error:
+            for item in items:
+                item.fail(error)
+            return
+        for item in items:
+            item.succeed(_buffered(answer))
+
+    async def _after_refusal(self, items: list[Queued], refusal: _Refused) -> None:
+        # A request is all or nothing: fail the file that was refused and send
+        # the other files' packets again; without an index, halve to find it.
+        index = refusal.index
+        if index is not None and 0 <= index < len(items):
+            culprit = items[index]
+            error = refusal.naming(culprit.file_id, culprit.seq)
+            for item in items:
+                if item.file_id == culprit.file_id:
+                    item.fail(error)
+            await self._post_items(items)
+        elif len(items) > 1:
+            half = len(items) // 2
+            await self._post_items(items[:half])
+            await self._post_items(items[half:])
+        else:
+            items[0].fail(refusal.naming(items[0].file_id, items[0].seq))
+
+    def _record(self, state: _FileSend, seq: int, length: int, buffered: bool) -> None:
+        state.sent += 1
+        state.buffered += int(buffered)
+        self._emit(state.source, "sending", state.plan.size, length)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        also_ok: tuple[int, ...] = (),
+        **options: Any,
+    ) -> tuple[int, Any]:
+        """One request, retried by the policy; raises _Refused on a 4xx."""
+        if self._session is None:
+            raise RuntimeError("use the Sender inside `async with Sender(...)`")
+        budget = self._retry.start(self._rng)
+        while True:
+            status, body, retry_after, problem = await self._attempt(
+                method, path, options
+            )
+            if status is not None and (
+                status in also_ok or classify(status) is Outcome.SUCCESS
+            ):
+                return status, _decode(body)
+            if status is not None and classify(status, retry_after) is Outcome.REJECTED:
+                raise _Refused(status, _error_answer(status, body))
+            delay = budget.next_delay(status, retry_after)
+            if delay is None:
+                raise GatewayUnavailable(
+                    url=self.gateway_url,
+                    attempts=budget.attempts_made,
+                    last_problem=problem,
+                )
+            log.debug(
+                "gateway.retry", method=method, path=path, problem=problem, delay=delay
+            )
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, method: str, path: str, options: dict[str, Any]
+    ) -> tuple[int | None, bytes, str | None, str]:
+        assert self._session is not None
+        try:
+            async with self._session.request(
+                method, self.gateway_url + path, **options
+            ) as response:
+                body = await response.read()
+                retry_after = response.headers.get("Retry-After")
+                return (
+                    response.status,
+                    body,
+                    retry_after,
+                    _describe(response.status, body),
+                )
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return None, b"", None, f"{type(error).__name__}: {error}"
+
+    def _emit(self, source: str, phase: Phase, size: int, advance: int = 0) -> None:
+        if self.progress is not None:
+            self.progress(ProgressEvent(source, phase, size, advance))
+
+
+def _open(path: Path) -> FileSource:
+    try:
+        if not path.is_file():
+            what = "a directory" if path.is_dir() else "not a regular file"
+            raise SendError(f"cannot send {path}: it is {what}; name files to send")
+        return FileSource(path)
+    except OSError as error:
+        raise SendError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"gateway URL {url!r} is not an http(s) address; pass --gateway "
+            "http://HOST:PORT or set DATAHAUL_GATEWAY_URL"
+        )
+    return url.rstrip("/")
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise ConfigError(f"metadata must be a JSON object, got {metadata!r}")
+    try:
+        json.dumps(dict(metadata))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"metadata cannot be written as JSON: {error}") from None
+    return dict(metadata)
+
+
+def _raw_fields(state: _FileSend) -> dict[str, str]:
+    """The fields a raw PUT carries in headers, or {} when they cannot fit there."""
+    fields = {
+        "type": state.type,
+        "total_seq": str(state.plan.total_seq),
+        "file_sha256": state.sha256,
+        "file_name": state.file_name,
+        "content_type": state.content_type,
+        "device_id": state.device_id,
+        "metadata": json.dumps(state.metadata) if state.metadata is not None else None,
+    }
+    present = {name: value for name, value in fields.items() if value is not None}
+    headers = {name: value for name, value in present.items() if _header_safe(value)}
+    if sum(len(value) for value in present.values()) > HEADER_BUDGET:
+        return {}
+    return headers
+
+
+def _query_fields(state: _FileSend) -> dict[str, str]:
+    """Fields that cannot be headers (non-ASCII names, say) travel in the query."""
+    candidates = {
+        "file_name": state.file_name,
+        "content_type": state.content_type,
+        "device_id": state.device_id,
+    }
+    return {
+        name: value
+        for name, value in candidates.items()
+        if value is not None and not _header_safe(value)
+    }
+
+
+def _header_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def _header_name(field_name: str) -> str:
+    return "X-Datahaul-" + "-".join(part.capitalize() for part in field_name.split("_"))
+
+
+def _buffered(answer: Any) -> bool:
+    return isinstance(answer, dict) and bool(answer.get("buffered"))
+
+
+def _decode(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _error_answer(status: int, body: bytes) -> dict[str, Any]:
+    answer = _decode(body)
+    if isinstance(answer, dict):
+        return answer
+    text = body.decode("utf-8", "replace").strip()[:300]
+    if status == 413:
+        text = text or "the request is larger than the gateway accepts"
+    return {"error": f"HTTP {status}", "field": "request", "reason": text or "refused"}
+
+
+def _describe(status: int, body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()[:200]
+    return f"HTTP {status}" + (f": {text}" if text else "")
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    # Prefer the error that explains the failure over the cancellations it caused.
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_error(error)
+        if not isinstance(error, asyncio.CancelledError):
+            return error
+    return group.exceptions[0]
