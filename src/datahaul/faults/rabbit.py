@@ -297,6 +297,16 @@ def _boot_node() -> None:
             f"{(result.stderr or result.stdout).strip()[-800:]}"
         )
 
+    # await_startup gives up at once on a node that has not registered yet.
+    deadline = time.monotonic() + START_TIMEOUT
+    while not node_responds():
+        if time.monotonic() > deadline:
+            raise HarnessError(
+                f"the RabbitMQ node did not come up within {START_TIMEOUT:g}s of "
+                "`rabbitmq-server -detached`; see /var/log/rabbitmq/"
+            )
+        time.sleep(0.5)
+
 
 def _wait_port(port: int, *, open_: bool, timeout: float) -> None:
     deadline = time.monotonic() + timeout
