@@ -30,8 +30,11 @@ def setup_logging(verbose: bool) -> None:
     """Key=value events on stderr; INFO by default, DEBUG with --verbose."""
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
-    for noisy in ("aiormq", "aio_pika", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The AMQP client logs every failed reconnect at ERROR; datahaul reports
+    # the link's state as its own events instead.
+    for noisy in ("aiormq", "aio_pika"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

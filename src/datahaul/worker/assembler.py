@@ -23,7 +23,10 @@ from datahaul.errors import IntegrityError, StorageError
 from datahaul.protocol.packet import Packet
 from datahaul.storage.blobs import BlobStore
 from datahaul.storage.catalog import (
+    ASSEMBLING,
+    EXPIRED,
     FAILED,
+    RECEIVING,
     STORED,
     Catalog,
     FileRecord,
@@ -63,11 +66,15 @@ class Assembler:
     def stage(self, packets: Sequence[Packet]) -> tuple[list[StageOutcome], set[str]]:
         """Make packets durable: large payloads to staging, then the catalog.
 
-        Returns each packet's outcome and the files that became complete.
+        Returns each packet's outcome, in order, and the files that became
+        complete.
         """
+        finished = self._finished_files(packets)
         staged: list[tuple[Packet, str | None]] = []
         keys: list[str] = []
         for packet in packets:
+            if packet.file_id in finished:
+                continue
             if len(packet.data) <= self.settings.inline_chunk_bytes:
                 staged.append((packet, None))
                 continue
@@ -80,7 +87,28 @@ class Assembler:
         # The catalog row is what makes a chunk count, so the staged bytes
         # must be durable before it commits.
         self.staging.sync(keys)
-        return self.catalog.stage(staged, self.settings.inline_chunk_bytes)
+        recorded, complete = self.catalog.stage(
+            staged, self.settings.inline_chunk_bytes
+        )
+        outcomes = iter(recorded)
+        return [
+            StageOutcome(p, "duplicate", "file is finished")
+            if p.file_id in finished
+            else next(outcomes)
+            for p in packets
+        ], complete
+
+    def _finished_files(self, packets: Sequence[Packet]) -> set[str]:
+        """Files past receiving: a late duplicate's bytes would only be litter."""
+        large = sorted(
+            {
+                p.file_id
+                for p in packets
+                if len(p.data) > self.settings.inline_chunk_bytes
+            }
+        )
+        states = self.catalog.states(large)
+        return {f for f, state in states.items() if state not in (RECEIVING, EXPIRED)}
 
     def finalize(self, file_id: str) -> Finalized | None:
         """Assemble, verify and store a complete file, if this worker wins it."""
@@ -166,6 +194,20 @@ class Assembler:
                 ):
                     raise StorageError(f"lost the lease on {record.file_id}")
                 renew_at = time.monotonic() + self.settings.lease_seconds / 3
+
+    def sweep_staging(self) -> None:
+        """Remove staged chunks of files that no longer need them.
+
+        They are left behind by a worker that died between recording a file's
+        end and deleting its chunks, or by a duplicate staged while the file
+        was being finalized.
+        """
+        folders = self.staging.list_prefixes("")
+        for start in range(0, len(folders), 500):
+            group = folders[start : start + 500]
+            for file_id, state in self.catalog.states(group).items():
+                if state not in (RECEIVING, ASSEMBLING):
+                    self.staging.delete_prefix(file_id)
 
     def _discard_blob(self, record: FileRecord) -> None:
         if record.type != "text":

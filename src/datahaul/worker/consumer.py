@@ -38,7 +38,11 @@ from datahaul.worker.assembler import Assembler
 log = structlog.get_logger("datahaul.worker")
 
 # Failures of our own storage, not of the packet: retry, never dead-letter.
-STORAGE_FAILURES: tuple[type[BaseException], ...] = (DatahaulError, OSError, *DATABASE_FAILURES)
+STORAGE_FAILURES: tuple[type[BaseException], ...] = (
+    DatahaulError,
+    OSError,
+    *DATABASE_FAILURES,
+)
 DEAD_LETTER_FAILURES: tuple[type[BaseException], ...] = (
     BrokerError,
     aio_pika.exceptions.DeliveryError,
@@ -371,8 +375,9 @@ class Worker:
             self._stage_pool, self.catalog.events_unsent, now - 30.0
         )
         for record in unsent:
-            self.assembler.staging.delete_prefix(record.file_id)
             await self._announce(record)
+
+        await loop.run_in_executor(self._stage_pool, self.assembler.sweep_staging)
 
 
 def _enqueue(inbox: asyncio.Queue[Delivery], data_type: str) -> Any:

@@ -1,0 +1,205 @@
+"""The packet rules and the AMQP forms, without any server."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import msgspec
+import pytest
+
+from datahaul.config import Settings
+from datahaul.errors import PacketError
+from datahaul.gateway.service import plan_messages
+from datahaul.protocol import wire
+from datahaul.protocol.packet import Packet, check, from_fields, shape_error
+from datahaul.storage.catalog import missing_ranges
+
+
+def _packet(**changes: object) -> Packet:
+    fields: dict[str, object] = {
+        "type": "image",
+        "file_id": "abc123",
+        "seq": 1,
+        "total_seq": 10,
+        "data": b"chunk",
+    }
+    fields.update(changes)
+    return Packet(**fields)  # type: ignore[arg-type]
+
+
+def _decode_error(body: dict[str, object]) -> PacketError:
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(json.dumps(body).encode(), type=Packet | list[Packet])
+    return shape_error(caught.value, None)
+
+
+def test_the_design_note_packet_decodes_as_is():
+    """The design note's example body is a valid packet, base64 decoded."""
+    body = {
+        "type": "image",
+        "file_id": "abc123",
+        "seq": 1,
+        "total_seq": 10,
+        "data": base64.b64encode(b"hello").decode(),
+    }
+    packet = msgspec.json.decode(json.dumps(body).encode(), type=Packet)
+    assert check(packet, 1024).data == b"hello"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"file_id": "a", "seq": 1, "total_seq": 1, "data": ""}, "type"),
+        ({"type": "image", "seq": 1, "total_seq": 1, "data": ""}, "file_id"),
+        (
+            {"type": "image", "file_id": "a", "seq": "1", "total_seq": 1, "data": ""},
+            "seq",
+        ),
+        (
+            {"type": "audio", "file_id": "a", "seq": 1, "total_seq": 1, "data": ""},
+            "type",
+        ),
+        (
+            {"type": "image", "file_id": "a", "seq": 1, "total_seq": 1, "data": "%%"},
+            "data",
+        ),
+        (
+            {
+                "type": "image",
+                "file_id": "a",
+                "seq": 1,
+                "total_seq": 1,
+                "data": "",
+                "colour": "red",
+            },
+            "colour",
+        ),
+    ],
+)
+def test_shape_errors_name_the_field(body, field):
+    """Missing, wrong-typed, unknown and badly encoded fields are named."""
+    assert _decode_error(body).field == field
+
+
+def test_errors_in_a_batch_name_the_packet_index():
+    """In an array, the error says which packet broke the rules."""
+    good = {"type": "image", "file_id": "a", "seq": 1, "total_seq": 1, "data": ""}
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(
+            json.dumps([good, {**good, "seq": None}]).encode(),
+            type=Packet | list[Packet],
+        )
+    error = shape_error(caught.value, None)
+    assert (error.index, error.field) == (1, "seq")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"seq": 0}, "seq"),
+        ({"seq": 11}, "seq"),
+        ({"total_seq": 0, "seq": 0}, "total_seq"),
+        ({"file_id": "../etc/passwd"}, "file_id"),
+        ({"file_id": ""}, "file_id"),
+        ({"data": b"x" * 2000}, "data"),
+        ({"chunk_sha256": "abc"}, "chunk_sha256"),
+        ({"chunk_sha256": "0" * 64}, "chunk_sha256"),
+    ],
+)
+def test_rule_breaking_packets_are_refused_naming_the_field(changes, field):
+    """seq outside 1..total_seq, unsafe ids, oversized chunks and bad checksums
+    are refused with the field named."""
+    with pytest.raises(PacketError) as caught:
+        check(_packet(**changes), max_chunk_bytes=1024)
+    assert caught.value.field == field
+
+
+def test_a_matching_chunk_checksum_passes():
+    """A chunk whose SHA-256 matches its data is accepted."""
+    packet = _packet(chunk_sha256=hashlib.sha256(b"chunk").hexdigest())
+    assert check(packet, 1024) is packet
+
+
+def test_raw_upload_fields_build_a_packet():
+    """Header and query fields of a raw PUT become a packet, ints parsed."""
+    packet = from_fields(
+        {
+            "type": "video",
+            "file_id": "v1",
+            "seq": "2",
+            "total_seq": "3",
+            "metadata": '{"lane": 2}',
+        },
+        b"raw",
+    )
+    assert (packet.seq, packet.total_seq, packet.metadata) == (2, 3, {"lane": 2})
+    with pytest.raises(PacketError) as caught:
+        from_fields(
+            {"type": "video", "file_id": "v1", "seq": "two", "total_seq": "3"}, b""
+        )
+    assert caught.value.field == "seq"
+
+
+def test_single_and_bundle_messages_round_trip():
+    """What the gateway publishes decodes to the same packets on the worker."""
+    settings = Settings.load()
+    packets = [
+        _packet(seq=i, data=bytes([i]) * 100, metadata={"i": i}) for i in range(1, 6)
+    ]
+    packets.append(_packet(seq=6, data=b"v" * settings.bundle_bytes))
+    messages = plan_messages(packets, settings)
+
+    assert [m.content_type for m in messages] == [
+        wire.RAW_CONTENT_TYPE,
+        wire.BUNDLE_CONTENT_TYPE,
+    ]
+    decoded = []
+    for message in messages:
+        decoded += wire.decode_message(
+            message.body, message.headers, message.content_type, "image", 1 << 20
+        )
+    assert sorted(decoded, key=lambda p: p.seq) == packets
+
+
+def test_a_packet_on_the_wrong_queue_is_refused():
+    """A video packet published to the image queue cannot be used there."""
+    packet = _packet(type="video")
+    with pytest.raises(PacketError) as caught:
+        wire.decode_message(
+            packet.data,
+            wire.packet_headers(packet),
+            wire.RAW_CONTENT_TYPE,
+            "image",
+            1024,
+        )
+    assert caught.value.field == "type"
+
+
+def test_a_truncated_bundle_is_refused():
+    """A bundle cut short is an error, not a shorter list of packets."""
+    body = wire.encode_bundle([_packet(), _packet(seq=2)])
+    with pytest.raises(PacketError, match="runs past the end|truncated"):
+        wire.decode_message(body[:-3], {}, wire.BUNDLE_CONTENT_TYPE, "image", 1024)
+
+
+def test_design_note_json_takes_its_type_from_the_queue():
+    """A JSON body without `type` is a packet of its queue's type."""
+    body = json.dumps(
+        {
+            "file_id": "n1",
+            "seq": 1,
+            "total_seq": 1,
+            "data": base64.b64encode(b"x").decode(),
+        }
+    ).encode()
+    [packet] = wire.decode_message(body, None, "application/json", "video", 1024)
+    assert packet.type == "video"
+
+
+def test_missing_ranges_are_the_gaps():
+    """Missing seqs are reported as inclusive ranges."""
+    assert missing_ranges([2, 3, 7], 9) == [[1, 1], [4, 6], [8, 9]]
+    assert missing_ranges([1, 2, 3], 3) == []
+    assert missing_ranges([], 2) == [[1, 2]]
