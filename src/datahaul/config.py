@@ -25,6 +25,7 @@ class Settings:
     staging_url: str = ""
     queue_type: str = "quorum"
     delivery_limit: int = 5
+    quorum_group_size: int = 0
     max_chunk_bytes: int = 16 * MiB
     inline_chunk_bytes: int = 64 * 1024
     max_text_bytes: int = 64 * MiB
@@ -59,6 +60,11 @@ class Settings:
         if self.queue_type not in ("quorum", "classic"):
             raise ConfigError(
                 f"queue_type must be 'quorum' or 'classic', got {self.queue_type!r}"
+            )
+        if self.quorum_group_size < 0:
+            raise ConfigError(
+                "quorum_group_size must be 0 (the broker's default) or the number "
+                f"of nodes to replicate each queue on, got {self.quorum_group_size}"
             )
         return dataclasses.replace(
             self,

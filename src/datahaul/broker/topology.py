@@ -36,7 +36,14 @@ def queue_arguments(settings: Settings) -> dict[str, Any]:
         # The broker dead-letters a packet redelivered this many times, so a
         # packet that crashes every worker cannot circle forever.
         arguments["x-delivery-limit"] = settings.delivery_limit
-    return arguments
+    return {**arguments, **replication_arguments(settings)}
+
+
+def replication_arguments(settings: Settings) -> dict[str, Any]:
+    """How many nodes hold a copy of each quorum queue; none: the broker decides."""
+    if settings.queue_type != "quorum" or not settings.quorum_group_size:
+        return {}
+    return {"x-quorum-initial-group-size": settings.quorum_group_size}
 
 
 async def declare(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
@@ -55,7 +62,12 @@ async def declare(channel: AbstractChannel, settings: Settings) -> AbstractExcha
     )
 
     dead_queue = await channel.declare_queue(
-        DEAD_QUEUE, durable=True, arguments={"x-queue-type": settings.queue_type}
+        DEAD_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": settings.queue_type,
+            **replication_arguments(settings),
+        },
     )
     await dead_queue.bind(dead, routing_key="")
 
