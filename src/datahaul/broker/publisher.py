@@ -57,6 +57,7 @@ class ConfirmingPublisher:
         self._connection: AbstractConnection | None = None
         self._window = asyncio.Semaphore(settings.publish_window)
         self._up = asyncio.Event()
+        self._dropped = asyncio.Event()
         self._on_link_change = on_link_change
         self._task: asyncio.Task[None] | None = None
 
@@ -111,7 +112,7 @@ class ConfirmingPublisher:
             log.warning("broker.link_stalled", reason=reason)
             self.ring.skip_current()
             self._set_link(False, reason)
-            asyncio.get_running_loop().create_task(self._connection.close())
+            self._dropped.set()
 
     async def _keep_connected(self) -> None:
         delay = 0.2
@@ -130,9 +131,15 @@ class ConfirmingPublisher:
                 continue
 
             delay = 0.2
+            self._dropped.clear()
             self._set_link(True, None)
-            await wait_closed(connection, channel)
-            self._set_link(False, "connection closed")
+            closed = asyncio.create_task(wait_closed(connection, channel))
+            dropped = asyncio.create_task(self._dropped.wait())
+            await asyncio.wait([closed, dropped], return_when=asyncio.FIRST_COMPLETED)
+            for task in (closed, dropped):
+                task.cancel()
+            self._set_link(False, self.last_error or "connection closed")
+            await _abandon(connection)
 
     def _set_link(self, up: bool, error: str | None) -> None:
         changed = up != self.link_up
@@ -149,3 +156,9 @@ class ConfirmingPublisher:
                 result = self._on_link_change(up)
                 if asyncio.iscoroutine(result):
                     asyncio.get_running_loop().create_task(result)
+
+
+async def _abandon(connection: AbstractConnection) -> None:
+    """Close a connection without waiting on a peer that may never answer."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), 2.0)
