@@ -1,0 +1,295 @@
+"""The sender against a real gateway process, on a RabbitMQ vhost of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from datahaul.sender import (
+    GatewayRejected,
+    ProgressEvent,
+    RetryPolicy,
+    Sender,
+    SendResult,
+)
+
+DATAHAUL = Path(sys.executable).parent / "datahaul"
+BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
+
+StartProcess = Callable[..., str]
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def vhost() -> Iterator[str]:
+    """A fresh vhost for this module's gateways, deleted with its queues after."""
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        pytest.fail("RabbitMQ does not accept connections on 127.0.0.1:5672")
+    name = f"datahaul-sender-{secrets.token_hex(4)}"
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def env(vhost: str, tmp_path: Path) -> dict[str, str]:
+    """DATAHAUL_* for this test's processes: the vhost and a data dir of its own."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    return {
+        **os.environ,
+        "DATAHAUL_AMQP_URL": BROKER + vhost,
+        "DATAHAUL_DATA_DIR": str(data_dir),
+    }
+
+
+@pytest.fixture
+def start(env: dict[str, str], tmp_path: Path) -> Iterator[StartProcess]:
+    """Start `datahaul gateway` or `datahaul worker` processes, stopped at the end.
+
+    For a gateway it returns its URL once /healthz says the broker link is up.
+    """
+    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def run(command: str, *args: str, extra: dict[str, str] | None = None) -> str:
+        log = tmp_path / f"{command}-{len(processes)}.log"
+        port = _free_port()
+        argv = [str(DATAHAUL), command, *args]
+        if command == "gateway":
+            argv += ["--port", str(port)]
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                argv, env={**env, **(extra or {})}, stdout=out, stderr=out
+            )
+        processes.append((process, log))
+        url = f"http://127.0.0.1:{port}"
+        if command == "gateway":
+            _wait_healthy(url, process, log)
+        return url
+
+    yield run
+    for process, _ in processes:
+        process.send_signal(signal.SIGTERM)
+    for process, log in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            print(f"{log.name} did not stop on SIGTERM:\n{log.read_text()[-3000:]}")
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the gateway exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
+                if json.load(answer).get("broker") == "up":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(
+        f"the gateway at {url} never became healthy:\n{log.read_text()[-3000:]}"
+    )
+
+
+def _write(path: Path, size: int, seed: int) -> Path:
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def _file_status(url: str, file_id: str) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/files/{file_id}", timeout=5) as answer:
+            status: dict[str, object] = json.load(answer)
+            return status
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
+
+
+def _stored(
+    env: dict[str, str], file_ids: set[str], timeout: float = 120
+) -> dict[str, dict[str, object]]:
+    """The catalog rows of file_ids once all are stored (one `datahaul files`)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        result = subprocess.run(
+            [str(DATAHAUL), "files", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        last = result.stdout[-2000:] + result.stderr[-2000:]
+        if result.returncode == 0:
+            rows = {row["file_id"]: row for row in json.loads(result.stdout)}
+            stored = {
+                file_id: rows[file_id]
+                for file_id in file_ids
+                if rows.get(file_id, {}).get("state") == "stored"
+            }
+            if len(stored) == len(file_ids):
+                return stored
+        time.sleep(1)
+    pytest.fail(f"not all of {sorted(file_ids)} were stored in {timeout}s: {last}")
+
+
+async def test_files_of_every_type_arrive_whole(
+    start: StartProcess, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Raw PUTs and batched packets both rebuild each file with the source's SHA-256."""
+    gateway = start("gateway")
+    start("worker", "--type", "all")
+    video = _write(tmp_path / "drive.mp4", 1_500_000, 1)
+    image = _write(tmp_path / "front.png", 200_000, 2)
+    logs = [tmp_path / f"imu-{n}.ndjson" for n in range(30)]
+    for n, path in enumerate(logs):
+        path.write_text("".join(f'{{"t": {t}, "n": {n}}}\n' for t in range(n * 20)))
+    logs[0].write_text('{"t": 0}\n' * 12_000)
+    events: list[ProgressEvent] = []
+
+    async with Sender(gateway, progress=events.append) as sender:
+        results = await sender.send_files(
+            [video, image, *logs], device_id="robot-7", chunk_size="100K"
+        )
+
+    sent = [result for result in results if isinstance(result, SendResult)]
+    assert len(sent) == len(results), results
+    catalog = _stored(env, {result.file_id for result in sent})
+    for path, result in zip([video, image, *logs], sent, strict=True):
+        assert result.packets_sent == result.total_seq
+        stored = catalog[result.file_id]
+        assert stored["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert stored["file_name"] == path.name
+        assert stored["device_id"] == "robot-7"
+    assert [result.type for result in sent[:3]] == ["video", "image", "text"]
+    sent_bytes = sum(e.advance for e in events if e.source == str(video))
+    assert sent_bytes == video.stat().st_size
+
+
+async def test_a_resend_moves_only_what_the_gateway_lacks(
+    start: StartProcess, tmp_path: Path
+) -> None:
+    """An interrupted file resumes with its missing packets; a whole one sends none."""
+    gateway = start("gateway")
+    video = _write(tmp_path / "long.mp4", 40 * 80_000, 3)
+    halfway = asyncio.Event()
+    accepted = 0
+
+    def watch(event: ProgressEvent) -> None:
+        nonlocal accepted
+        accepted += event.advance
+        if accepted >= video.stat().st_size // 2:
+            halfway.set()
+
+    async with Sender(gateway, concurrency=2, progress=watch) as sender:
+        interrupted = asyncio.create_task(sender.send_file(video, chunk_size=80_000))
+        await halfway.wait()
+        interrupted.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await interrupted
+
+    file_id = hashlib.sha256(video.read_bytes()).hexdigest()[:32]
+    status = _file_status(gateway, file_id)
+    assert status is not None
+    received = status["received"]
+    assert isinstance(received, int)
+    assert 20 <= received < 40
+
+    async with Sender(gateway) as sender:
+        resumed = await sender.send_file(video, chunk_size=80_000)
+        again = await sender.send_file(video, chunk_size=80_000)
+
+    assert (resumed.packets_skipped, resumed.packets_sent) == (received, 40 - received)
+    assert (again.packets_skipped, again.packets_sent) == (40, 0)
+    whole = _file_status(gateway, file_id)
+    assert whole is not None
+    assert (whole["received"], whole["missing"], whole["complete"]) == (40, [], True)
+
+
+async def test_a_refused_packet_names_its_file_and_spares_the_others(
+    start: StartProcess, tmp_path: Path
+) -> None:
+    """A 4xx fails only its file, naming seq, field and reason; batch mates arrive."""
+    gateway = start("gateway", extra={"DATAHAUL_MAX_CHUNK_BYTES": "1000"})
+    small = [tmp_path / f"ok-{n}.log" for n in range(20)]
+    for n, path in enumerate(small):
+        path.write_text(f"line {n}\n" * 40)
+    too_big = tmp_path / "too-big.log"
+    too_big.write_text("x" * 1500)
+    raw = _write(tmp_path / "raw.mp4", 300_000, 4)
+
+    async with Sender(gateway, retry=FAST_RETRY, concurrency=1) as sender:
+        results = await sender.send_files([*small, too_big], chunk_size="4K")
+        with pytest.raises(GatewayRejected) as put_refused:
+            await sender.send_file(raw, chunk_size="100K")
+
+    *fine, refused = results
+    assert all(isinstance(r, SendResult) and r.packets_sent == 1 for r in fine)
+    assert isinstance(refused, GatewayRejected)
+    assert refused.status == 413
+    assert (refused.seq, refused.field) == (1, "data")
+    assert "over the limit of 1000 bytes" in refused.reason
+    assert refused.file_id in str(refused)
+    assert "packet 1" in str(put_refused.value)
+    assert put_refused.value.field == "data"
+
+
+def test_the_command_prints_ids_and_resumes(
+    start: StartProcess, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`datahaul send --json` lists each file's id; a second run sends nothing."""
+    gateway = start("gateway")
+    video = _write(tmp_path / "clip.mp4", 700_000, 5)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n" * 100)
+    command = [str(DATAHAUL), "send", str(video), str(text), "--gateway", gateway]
+
+    first = subprocess.run(
+        [*command, "--json"], env=env, capture_output=True, text=True
+    )
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)
+    assert [row["file_id"] for row in rows] == [
+        hashlib.sha256(path.read_bytes()).hexdigest()[:32] for path in (video, text)
+    ]
+    assert [row["packets_sent"] for row in rows] == [3, 1]
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("already sent") == 2
+    for row in rows:
+        assert row["file_id"] in second.stdout
