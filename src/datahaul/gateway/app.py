@@ -8,6 +8,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from datahaul import metrics
 from datahaul.config import Settings
 from datahaul.errors import OutboxFull, PacketConflict, PacketError
 from datahaul.gateway.service import Gateway
@@ -37,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/files/{file_id}", get_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", healthz)
+    metrics.expose(app, metrics.GATEWAY)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app
@@ -58,18 +60,22 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except PacketConflict as exc:
         gateway.counters["rejected"] += 1
+        metrics.GATEWAY.error("conflict")
         return web.json_response(exc.to_json(), status=409)
     except PacketError as exc:
         gateway.counters["rejected"] += 1
+        metrics.GATEWAY.error("rejected")
         status = 413 if exc.field == "data" and "limit" in exc.reason else 400
         return web.json_response(exc.to_json(), status=status)
     except OutboxFull as exc:
+        metrics.GATEWAY.error("outbox_full")
         return web.json_response(
             {"error": "OutboxFull", "reason": str(exc)},
             status=503,
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     except web.HTTPRequestEntityTooLarge as exc:
+        metrics.GATEWAY.error("rejected")
         return web.json_response(
             {"error": "TooLarge", "field": "$", "reason": exc.text}, status=413
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from datahaul import metrics
 from datahaul.broker.publisher import ConfirmingPublisher, Outgoing
 from datahaul.errors import BrokerError, OutboxFull
 from datahaul.gateway.local_db import GroupCommit, LocalDatabase
@@ -102,6 +103,7 @@ class Outbox:
             *(publisher.publish(message) for _, message in rows),
             return_exceptions=True,
         )
+        metrics.GATEWAY.record_forwarded(rows, results)
         confirmed = [
             row_id
             for (row_id, _), result in zip(rows, results, strict=True)

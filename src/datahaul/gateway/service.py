@@ -15,8 +15,10 @@ from typing import Any
 
 import structlog
 
+from datahaul import metrics
 from datahaul.broker import topology
 from datahaul.broker.publisher import ConfirmingPublisher, Outgoing
+from datahaul.center.reports import StatusReporter, gateway_id
 from datahaul.config import Settings
 from datahaul.errors import BrokerError
 from datahaul.gateway.ledger import Ledger
@@ -56,6 +58,8 @@ class Gateway:
         self.started_at = time.time()
         self.counters = {"accepted": 0, "published": 0, "buffered": 0, "rejected": 0}
         self._tasks: list[asyncio.Task[None]] = []
+        self.reporter = StatusReporter(settings, gateway_id(settings), self.health)
+        metrics.GATEWAY.watch(self.outbox, self.publisher)
 
     async def start(self) -> None:
         await self.publisher.start()
@@ -65,6 +69,7 @@ class Gateway:
             )
         )
         self._tasks.append(asyncio.create_task(self._prune_ledger(), name="ledger"))
+        self._tasks.append(asyncio.create_task(self.reporter.run(), name="status"))
         await self.publisher.wait_up(5.0)
 
     async def close(self) -> None:
@@ -101,6 +106,7 @@ class Gateway:
         self.counters["accepted"] += len(packets)
         self.counters["buffered"] += buffered
         self.counters["published"] += len(packets) - buffered
+        metrics.GATEWAY.record_accepted(packets, messages, failed)
         return Accepted(len(packets), len(packets) - buffered, buffered)
 
     def health(self) -> dict[str, Any]:
