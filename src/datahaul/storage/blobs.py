@@ -143,12 +143,19 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def open_store(url: str) -> BlobStore:
-    """The store a URL names: file:///PATH (S3 arrives with issue 5)."""
+    """The store a URL names: file:///PATH, or s3://BUCKET/PREFIX?... (see s3.py)."""
     parts = urlsplit(url)
+    if parts.scheme == "s3":
+        # Imported here: boto3 takes a while to load, and only S3 users need it.
+        from datahaul.storage.s3 import S3Store
+
+        return S3Store.open(url)
     if parts.scheme == "file":
         if not parts.path:
             raise ConfigError(f"blob store URL {url!r} names no directory")
         return FilesystemStore(Path(parts.path))
     if parts.scheme == "" and url:
         return FilesystemStore(Path(url))
-    raise ConfigError(f"blob store URL {url!r}: only file:///PATH is supported")
+    raise ConfigError(
+        f"blob store URL {url!r}: use file:///PATH or s3://BUCKET/PREFIX?endpoint=..."
+    )
