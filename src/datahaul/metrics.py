@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import structlog
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from datahaul.protocol.packet import Packet
     from datahaul.storage.catalog import StageOutcome
     from datahaul.worker.assembler import Finalized
+
+log = structlog.get_logger("datahaul.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -217,6 +220,9 @@ class WorkerMetrics(MetricGroup):
         self.packets_staged.inc(len(staged))
         self.bytes_staged.inc(sum(len(packet.data) for packet in staged))
         self.packets_duplicate.inc(sum(1 for o in outcomes if o.status == "duplicate"))
+        conflicts = sum(1 for o in outcomes if o.status == "conflict")
+        if conflicts:
+            ERRORS.labels("worker", "conflict").inc(conflicts)
 
     def record_dead_letter(self, body: bytes) -> None:
         self.packets_dead_lettered.inc()
@@ -304,6 +310,7 @@ def serve_in_thread(host: str, port: int, *groups: MetricGroup) -> int:
     use(*groups)
     server, _ = start_http_server(port, addr=host)
     bound: int = server.server_port
+    log.info("metrics.listening", url=f"http://{host}:{bound}/metrics")
     return bound
 
 

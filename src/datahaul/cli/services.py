@@ -69,6 +69,14 @@ def worker(
     data_dir: Path | None = DATA_DIR,
     catalog_url: str | None = CATALOG_URL,
     queue_type: str | None = QUEUE_TYPE,
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        help="Serve Prometheus /metrics on this port (0 picks one) [default off]",
+    ),
+    metrics_host: str = typer.Option(
+        "127.0.0.1", "--metrics-host", help="Address of /metrics [default 127.0.0.1]"
+    ),
 ) -> None:
     """Run a worker: consume packets, assemble files, store them."""
     from datahaul.worker.consumer import Worker
@@ -85,6 +93,8 @@ def worker(
         catalog_url=catalog_url,
         queue_type=queue_type,
     )
+    if metrics_port is not None:
+        _serve_metrics(metrics_host, metrics_port)
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(Worker(settings, types).run())
@@ -116,6 +126,19 @@ def declare_topology(
         f"({settings.queue_type}), {topology.DEAD_QUEUE}, "
         f"{topology.EVENT_EXCHANGE}"
     )
+
+
+def _serve_metrics(host: str, port: int) -> None:
+    from datahaul import metrics
+
+    try:
+        metrics.serve_in_thread(host, port, metrics.WORKER)
+    except OSError as exc:
+        raise fail(
+            f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; "
+            "choose another --metrics-port",
+            ExitCode.UNAVAILABLE,
+        ) from None
 
 
 def _settings(**overrides: object) -> Settings:

@@ -24,6 +24,7 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+from datahaul import metrics
 from datahaul.broker import topology
 from datahaul.broker.connection import BROKER_FAILURES, NodeRing, wait_closed
 from datahaul.config import Settings
@@ -111,6 +112,7 @@ class Worker:
                 connection = await self.ring.connect()
             except BrokerError as exc:
                 log.warning("worker.broker_unreachable", error=str(exc), retry_in=delay)
+                metrics.WORKER.error("broker_unreachable")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -129,6 +131,7 @@ class Worker:
                     await asyncio.gather(drain, closed, return_exceptions=True)
             except BROKER_FAILURES as exc:
                 log.warning("worker.connection_lost", error=repr(exc))
+                metrics.WORKER.error("broker_lost")
             finally:
                 self._events = self._dead = None
             log.warning("worker.disconnected", retry_in=delay)
@@ -175,6 +178,7 @@ class Worker:
             # broker after a pause, so another try (here or elsewhere) can
             # succeed once the storage is back.
             log.error("worker.stage_failed", error=repr(exc), packets=len(batch))
+            metrics.WORKER.error("stage_failed")
             await asyncio.sleep(RETRY_DELAY)
             for delivery in batch:
                 await _settle(delivery.message.nack(requeue=True))
@@ -189,6 +193,7 @@ class Worker:
             except DEAD_LETTER_FAILURES as exc:
                 # Unacked, the packet comes back and is judged again.
                 log.warning("packet.dead_letter_failed", error=repr(exc))
+                metrics.WORKER.error("dead_letter_failed")
                 await _settle(delivery.message.nack(requeue=True))
                 continue
             await _settle(delivery.message.ack())
@@ -213,12 +218,14 @@ class Worker:
                     self.settings.max_chunk_bytes,
                 )
             except PacketError as exc:
+                metrics.WORKER.error("poison")
                 result.poison[index] = str(exc)
                 continue
             packets.extend(decoded)
             owners.extend([index] * len(decoded))
 
         outcomes, result.complete = self.assembler.stage(packets)
+        metrics.WORKER.record_staged(outcomes)
         for owner, outcome in zip(owners, outcomes, strict=True):
             if outcome.status == "conflict":
                 result.conflicts.setdefault(owner, []).append(
@@ -247,11 +254,13 @@ class Worker:
             # The lease runs out and a sweeper (ours or another worker's)
             # tries again; the half-written blob is replaced then.
             log.error("file.finalize_failed", file_id=file_id, error=repr(exc))
+            metrics.WORKER.error("finalize_failed")
             return
         finally:
             self._finalizing.discard(file_id)
         if done is None:
             return
+        metrics.WORKER.record_finalized(done)
         if done.state == "stored":
             self.stats["stored"] += 1
             size = done.record.size or 0
@@ -286,6 +295,7 @@ class Worker:
             )
         except DEAD_LETTER_FAILURES as exc:
             log.warning("event.publish_failed", file_id=record.file_id, error=repr(exc))
+            metrics.WORKER.error("event_publish_failed")
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
@@ -339,6 +349,7 @@ class Worker:
             timeout=self.settings.confirm_timeout,
         )
         self.stats["dead"] += 1
+        metrics.WORKER.record_dead_letter(body)
         log.warning(
             "packet.dead_lettered",
             reason=reason,
@@ -353,6 +364,7 @@ class Worker:
                 await self.sweep()
             except STORAGE_FAILURES as exc:
                 log.error("worker.sweep_failed", error=repr(exc))
+                metrics.WORKER.error("sweep_failed")
 
     async def sweep(self) -> None:
         """Finish what crashed workers left, expire stale files, resend events."""
@@ -367,6 +379,7 @@ class Worker:
         expired = await loop.run_in_executor(
             self._stage_pool, self.catalog.expire, now - self.settings.expire_after
         )
+        metrics.WORKER.files_expired.inc(len(expired))
         for file_id in expired:
             self.assembler.staging.delete_prefix(file_id)
             log.warning("file.expired", file_id=file_id)
