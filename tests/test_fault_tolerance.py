@@ -258,7 +258,7 @@ async def test_poison_packets_go_to_the_dead_letter_queue_and_others_flow(
     reasons = await _publish_and_collect_dead(amqp_url, poison)
 
     assert len(reasons) == 3
-    assert any("not a datahaul packet" in r for r in reasons)
+    assert any("neither a datahaul packet" in r for r in reasons)
     assert any("chunk_sha256" in r for r in reasons)
     assert any("total_seq" in r for r in reasons)
     await _all_stored_once(datahaul_env, data_dir, [(good.file_id, good.sha256)])
