@@ -123,6 +123,13 @@ class ServiceProcess:
         process.queues = queues
         return process
 
+    def __repr__(self) -> str:
+        if self._popen is None:
+            state = "not started"
+        else:
+            state = "running" if self.is_running else f"exited {self.returncode}"
+        return f"<ServiceProcess {self.name} pid={self.pid} {state}>"
+
     @property
     def pid(self) -> int | None:
         return self._popen.pid if self._popen is not None else None

@@ -73,7 +73,12 @@ class FaultProxy:
             target=self._run_loop, name="datahaul-fault-proxy", daemon=True
         )
         self._thread.start()
-        self._server = self._call(self._listen())
+        try:
+            self._server = self._call(self._listen())
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(CONTROL_TIMEOUT)
+            raise
         self.port: int = self._server.sockets[0].getsockname()[1]
         log.debug("proxy.listening", port=self.port, upstream=upstream_port)
 
