@@ -18,9 +18,9 @@ app.callback()(common.global_options)
 
 def _register_commands() -> None:
     # Each command lives in its own module and adds itself to the app.
-    from datahaul.cli import catalog, center, demo, send, services
+    from datahaul.cli import catalog, center, demo, migrate, send, services, soak
 
-    for module in (services, send, catalog, center, demo):
+    for module in (services, send, catalog, center, demo, migrate, soak):
         module.register(app)
 
 

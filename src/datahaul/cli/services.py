@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from pathlib import Path
 
 import aio_pika
@@ -15,6 +16,7 @@ from datahaul.cli.common import ExitCode, fail
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 from datahaul.protocol.packet import DATA_TYPES
+from datahaul.worker.consumer import Worker
 
 AMQP_URL = typer.Option(
     None,
@@ -79,8 +81,6 @@ def worker(
     ),
 ) -> None:
     """Run a worker: consume packets, assemble files, store them."""
-    from datahaul.worker.consumer import Worker
-
     types = list(DATA_TYPES) if type == "all" else [type]
     if any(t not in DATA_TYPES for t in types):
         raise fail(
@@ -97,9 +97,17 @@ def worker(
         _serve_metrics(metrics_host, metrics_port)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(Worker(settings, types).run())
+            asyncio.run(_run_until_signalled(Worker(settings, types)))
     except DatahaulError as exc:
         raise fail(str(exc)) from None
+
+
+async def _run_until_signalled(worker: Worker) -> None:
+    """Run the worker; SIGTERM stops it like Ctrl-C (unacked packets return)."""
+    task = asyncio.create_task(worker.run())
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def declare_topology(

@@ -221,6 +221,7 @@ class Sender:
         self._batch_packets = batch_packets
         self._files_in_flight = files_in_flight
         self._rng = random.Random()
+        self._troubled = False
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._batcher: Batcher | None = None
@@ -343,7 +344,12 @@ class Sender:
                 except DatahaulError as error:
                     return error
 
-        return list(await asyncio.gather(*(send_one(path) for path in paths)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(send_one(path)) for path in paths]
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+        return [task.result() for task in tasks]
 
     async def file_status(self, file_id: str) -> dict[str, Any] | None:
         """What the gateway holds of a file, or None when it has seen none of it."""
@@ -394,11 +400,14 @@ class Sender:
                 content_type=content_type or guess_content_type(file_name),
             )
             result = await self._deliver(state, source)
+        except OSError as error:
+            self._emit(label, "failed", source.size)
+            raise SendError(f"cannot read {label}: {error}") from error
         except BaseException:
             self._emit(label, "failed", source.size)
             raise
         self._emit(label, "done", source.size)
-        log.info(
+        log.debug(
             "file.sent",
             file_id=result.file_id,
             file_name=result.file_name,
@@ -644,6 +653,7 @@ class Sender:
             if status is not None and (
                 status in also_ok or classify(status) is Outcome.SUCCESS
             ):
+                self._link_ok()
                 return status, _decode(body)
             if status is not None and classify(status, retry_after) is Outcome.REJECTED:
                 raise _Refused(status, _error_answer(status, body))
@@ -653,11 +663,27 @@ class Sender:
                     url=self.gateway_url,
                     attempts=budget.attempts_made,
                     last_problem=problem,
+                    busy_seconds=budget.busy_waited,
                 )
-            log.debug(
-                "gateway.retry", method=method, path=path, problem=problem, delay=delay
-            )
+            self._link_troubled(problem, delay)
             await asyncio.sleep(delay)
+
+    def _link_troubled(self, problem: str, delay: float) -> None:
+        # One line when the link turns bad and one when it heals, not one per
+        # request: eight requests in flight would otherwise repeat each other.
+        if not self._troubled:
+            self._troubled = True
+            log.warning(
+                "gateway.retrying",
+                url=self.gateway_url,
+                problem=problem,
+                delay=round(delay, 2),
+            )
+
+    def _link_ok(self) -> None:
+        if self._troubled:
+            self._troubled = False
+            log.info("gateway.recovered", url=self.gateway_url)
 
     async def _attempt(
         self, method: str, path: str, options: dict[str, Any]
