@@ -21,6 +21,7 @@ import pytest
 
 from datahaul.sender import (
     GatewayRejected,
+    GatewayUnavailable,
     ProgressEvent,
     RetryPolicy,
     Sender,
@@ -35,7 +36,11 @@ StartProcess = Callable[..., str]
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
 
 
 def _free_port() -> int:
@@ -74,11 +79,17 @@ def env(vhost: str, tmp_path: Path) -> dict[str, str]:
 def start(env: dict[str, str], tmp_path: Path) -> Iterator[StartProcess]:
     """Start `datahaul gateway` or `datahaul worker` processes, stopped at the end.
 
-    For a gateway it returns its URL once /healthz says the broker link is up.
+    For a gateway it returns its URL once /healthz answers and, unless
+    broker_up=False, says the broker link is up.
     """
     processes: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def run(command: str, *args: str, extra: dict[str, str] | None = None) -> str:
+    def run(
+        command: str,
+        *args: str,
+        extra: dict[str, str] | None = None,
+        broker_up: bool = True,
+    ) -> str:
         log = tmp_path / f"{command}-{len(processes)}.log"
         port = _free_port()
         argv = [str(DATAHAUL), command, *args]
@@ -91,7 +102,7 @@ def start(env: dict[str, str], tmp_path: Path) -> Iterator[StartProcess]:
         processes.append((process, log))
         url = f"http://127.0.0.1:{port}"
         if command == "gateway":
-            _wait_healthy(url, process, log)
+            _wait_healthy(url, process, log, broker_up=broker_up)
         return url
 
     yield run
@@ -106,14 +117,16 @@ def start(env: dict[str, str], tmp_path: Path) -> Iterator[StartProcess]:
             print(f"{log.name} did not stop on SIGTERM:\n{log.read_text()[-3000:]}")
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, *, broker_up: bool
+) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the gateway exited:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
-                if json.load(answer).get("broker") == "up":
+                if json.load(answer).get("broker") == "up" or not broker_up:
                     return
         except OSError:
             pass
@@ -293,3 +306,53 @@ def test_the_command_prints_ids_and_resumes(
     assert second.stdout.count("already sent") == 2
     for row in rows:
         assert row["file_id"] in second.stdout
+
+
+def _no_broker(quota: int) -> dict[str, str]:
+    """Settings for a gateway whose broker never answers, with a small outbox."""
+    return {
+        "DATAHAUL_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{_free_port()}/",
+        "DATAHAUL_OUTBOX_QUOTA_BYTES": str(quota),
+    }
+
+
+async def test_packets_buffered_by_the_gateway_count_as_sent(
+    start: StartProcess, tmp_path: Path
+) -> None:
+    """With the broker away, 202 answers are a success reported as buffered."""
+    gateway = start("gateway", extra=_no_broker(10_000_000), broker_up=False)
+    video = _write(tmp_path / "offline.mp4", 250_000, 6)
+    notes = tmp_path / "offline.log"
+    notes.write_text("no coverage\n" * 50)
+
+    async with Sender(gateway) as sender:
+        results = await sender.send_files([video, notes], chunk_size="100K")
+
+    assert [(r.packets_sent, r.packets_buffered) for r in results] == [(3, 3), (1, 1)]
+    assert [r.status for r in results if isinstance(r, SendResult)] == [
+        "sent (buffered)",
+        "sent (buffered)",
+    ]
+
+
+async def test_a_full_outbox_is_waited_for_as_asked_then_reported(
+    start: StartProcess, tmp_path: Path
+) -> None:
+    """503 with Retry-After is retried after that delay, then named as busy."""
+    gateway = start("gateway", extra=_no_broker(150_000), broker_up=False)
+    first = _write(tmp_path / "first.mp4", 100_000, 7)
+    second = _write(tmp_path / "second.mp4", 100_000, 8)
+    patient = RetryPolicy(attempts=3, max_busy_wait=7.0)
+
+    async with Sender(gateway, retry=patient) as sender:
+        buffered = await sender.send_file(first)
+        started = time.monotonic()
+        with pytest.raises(GatewayUnavailable) as caught:
+            await sender.send_file(second)
+        waited = time.monotonic() - started
+
+    assert buffered.packets_buffered == 1
+    assert caught.value.attempts == 2
+    assert caught.value.last_problem.startswith("HTTP 503")
+    assert "still busy" in str(caught.value)
+    assert 4.5 <= waited < 30

@@ -51,12 +51,30 @@ class GatewayRejected(SendError):
 class GatewayUnavailable(SendError):
     """Raised when every allowed attempt to reach the gateway failed."""
 
-    def __init__(self, *, url: str, attempts: int, last_problem: str) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        attempts: int,
+        last_problem: str,
+        busy_seconds: float = 0.0,
+    ) -> None:
         self.url = url
         self.attempts = attempts
         self.last_problem = last_problem
+        self.busy_seconds = busy_seconds
+        if last_problem.startswith(("HTTP 503", "HTTP 429")):
+            advice = (
+                f"it is still busy after {busy_seconds:.0f}s of waiting as it "
+                "asked (its outbox may be full while its broker is down); send "
+                "again later"
+            )
+        else:
+            advice = (
+                "check that `datahaul gateway` runs there and is reachable, "
+                "or pass --gateway URL"
+            )
         super().__init__(
             f"the gateway at {url} did not take the request after {attempts} "
-            f"attempts (last: {last_problem}); check that `datahaul gateway` runs "
-            "there and is reachable, or pass --gateway URL"
+            f"attempts (last: {last_problem}); {advice}"
         )
