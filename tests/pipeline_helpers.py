@@ -109,7 +109,8 @@ def stored_bytes(catalog_url: str, record: FileRecord) -> bytes:
             catalog.close()
         assert content is not None
         return content
-    assert record.location and record.location.startswith("file://")
+    assert record.location
+    assert record.location.startswith("file://")
     with open(record.location.removeprefix("file://"), "rb") as handle:
         return handle.read()
 

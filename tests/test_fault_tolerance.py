@@ -17,6 +17,11 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+
+from datahaul.faults.rabbit import rabbitmq_down
+from datahaul.protocol.wire import JSON_CONTENT_TYPE
+from datahaul.sender import Sender, SendResult
+from datahaul.storage.catalog import Catalog
 from pipeline_helpers import (
     SourceFile,
     call,
@@ -26,11 +31,6 @@ from pipeline_helpers import (
     stored_bytes,
     wait_stored,
 )
-
-from datahaul.faults.rabbit import rabbitmq_down
-from datahaul.protocol.wire import JSON_CONTENT_TYPE
-from datahaul.sender import Sender, SendResult
-from datahaul.storage.catalog import Catalog
 
 # Workers in these tests give up a dead finalizer's lease and sweep quickly.
 FAST_RECOVERY = {
@@ -289,7 +289,8 @@ async def test_the_outbox_full_answers_503_and_loses_nothing(
             break
         assert status == 202, answer
         accepted.append(source)
-    assert refused is not None and refused["error"] == "OutboxFull"
+    assert refused is not None
+    assert refused["error"] == "OutboxFull"
     assert 3 <= len(accepted) < 20
 
     fault_proxy.pass_through()

@@ -11,6 +11,8 @@ import random
 
 import aio_pika
 import pytest
+
+from datahaul.sender import Sender
 from pipeline_helpers import (
     SourceFile,
     call,
@@ -20,8 +22,6 @@ from pipeline_helpers import (
     stored_bytes,
     wait_stored,
 )
-
-from datahaul.sender import Sender
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_postgresql_catalog_stores_text_and_images(
 ):
     """With the catalog in PostgreSQL, text lands in its table and images in
     the blob store, each with one catalog row."""
-    gateway = gateway_factory(env=datahaul_pg_env)
+    gateway_factory(env=datahaul_pg_env)
     worker_factory("all", env=datahaul_pg_env)
     text = SourceFile("pg-text", "text", b"line one\nline two\n" * 500, chunk=4000)
     image = SourceFile("pg-image", "image", os.urandom(90_000), chunk=30_000)

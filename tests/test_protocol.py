@@ -180,7 +180,7 @@ def test_a_packet_on_the_wrong_queue_is_refused():
 def test_a_truncated_bundle_is_refused():
     """A bundle cut short is an error, not a shorter list of packets."""
     body = wire.encode_bundle([_packet(), _packet(seq=2)])
-    with pytest.raises(PacketError, match="runs past the end|truncated"):
+    with pytest.raises(PacketError, match=r"runs past the end|truncated"):
         wire.decode_message(body[:-3], {}, wire.BUNDLE_CONTENT_TYPE, "image", 1024)
 
 

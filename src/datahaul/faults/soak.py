@@ -242,7 +242,8 @@ class Soak:
             await asyncio.sleep(self.rng.uniform(2, 6))
 
     async def _heal(self) -> None:
-        assert self.proxy is not None and self.gateway is not None
+        assert self.proxy is not None
+        assert self.gateway is not None
         self.proxy.pass_through()
         ensure_running()
         for process in [self.gateway, *self.workers]:

@@ -98,12 +98,14 @@ class GroupCommit(Generic[Item]):
         while self._flushing is not None and not self._flushing.done():
             await asyncio.shield(self._flushing)
 
+    def _writer(self, items: list[Item]) -> Callable[[sqlite3.Connection], None]:
+        return lambda db: self._write(db, items)
+
     async def _flush(self) -> None:
         while self._pending:
             group, self._pending = self._pending, []
-            items = [item for item, _ in group]
             try:
-                await self._database.run(lambda db: self._write(db, items))
+                await self._database.run(self._writer([item for item, _ in group]))
             except Exception as exc:
                 _settle(group, exc)
             else:

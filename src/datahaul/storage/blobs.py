@@ -102,11 +102,10 @@ class FilesystemStore:
             raise StorageError(f"no object {key!r} in {self.root}") from None
 
     def open_range(self, key: str, start: int, end: int | None) -> Iterator[bytes]:
-        try:
-            handle = open(self.path(key), "rb")
-        except FileNotFoundError:
-            raise StorageError(f"no object {key!r} in {self.root}") from None
-        with handle:
+        path = self.path(key)
+        if not path.is_file():
+            raise StorageError(f"no object {key!r} in {self.root}")
+        with open(path, "rb") as handle:
             handle.seek(start)
             remaining = None if end is None else end - start
             while remaining is None or remaining > 0:
