@@ -13,6 +13,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
+import conftest
 from conftest import WorkerFactory
 from datahaul.faults import HarnessError
 from datahaul.faults.processes import ServiceProcess
@@ -25,7 +26,18 @@ from datahaul.faults.rabbit import (
     reset_topology,
 )
 
-pytestmark = pytest.mark.usefixtures("rabbitmq")
+
+def test_a_missing_service_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a service, tests fail when CI=true and are skipped otherwise."""
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        conftest.missing_service("RabbitMQ is gone")
+
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="RabbitMQ is gone"):
+        conftest.missing_service("RabbitMQ is gone")
 
 
 async def connect(url: str) -> AbstractConnection:
@@ -148,18 +160,16 @@ async def test_refuse_resets_new_connections_and_can_cut_open_ones(
     await survivor.close()
 
 
-def test_url_for_keeps_credentials_and_vhost(fault_proxy: FaultProxy) -> None:
+def test_url_for_keeps_credentials_and_vhost() -> None:
     """url_for swaps host and port only, and rejects a URL for another broker."""
     url = "amqp://guest:guest@localhost:5672/datahaul-test-x%2Fy?heartbeat=5"
 
-    proxied = fault_proxy.url_for(url)
-
-    assert proxied == (
-        f"amqp://guest:guest@127.0.0.1:{fault_proxy.port}/datahaul-test-x%2Fy"
-        "?heartbeat=5"
-    )
-    with pytest.raises(HarnessError, match="port 5673"):
-        fault_proxy.url_for("amqp://guest:guest@127.0.0.1:5673/")
+    with FaultProxy() as proxy:
+        assert proxy.url_for(url) == (
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/datahaul-test-x%2Fy?heartbeat=5"
+        )
+        with pytest.raises(HarnessError, match="port 5673"):
+            proxy.url_for("amqp://guest:guest@127.0.0.1:5673/")
 
 
 def test_proxy_only_forwards_to_this_machine() -> None:
@@ -274,6 +284,7 @@ async def test_rabbitmq_down_stops_and_restarts_the_broker(amqp_url: str) -> Non
 
 
 @pytest.mark.broker_outage
+@pytest.mark.usefixtures("rabbitmq")
 def test_rabbitmq_down_restarts_the_broker_when_the_body_fails() -> None:
     """An exception inside rabbitmq_down still leaves the broker running."""
 
