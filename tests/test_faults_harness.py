@@ -14,7 +14,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 import conftest
-from conftest import WorkerFactory
+from conftest import GatewayFactory, WorkerFactory
 from datahaul.faults import HarnessError
 from datahaul.faults.processes import ServiceProcess
 from datahaul.faults.proxy import FaultProxy, LinkMode
@@ -221,6 +221,20 @@ def test_gateway_is_ready_killed_and_restarted(gateway: ServiceProcess) -> None:
     assert _http_status(url) == 200
     assert gateway.starts == 2
     assert gateway.log_path.read_text().count("=== start") == 2
+
+
+def test_gateway_factory_puts_the_proxy_between_gateway_and_broker(
+    gateway_factory: GatewayFactory, fault_proxy: FaultProxy
+) -> None:
+    """A gateway started with proxy= reaches RabbitMQ through it, after a cut too."""
+    gateway_factory(proxy=fault_proxy)
+    fault_proxy.wait_connections(1)
+    accepted = fault_proxy.connections_accepted
+
+    fault_proxy.cut()
+
+    fault_proxy.wait_connections(1, timeout=30)
+    assert fault_proxy.connections_accepted > accepted
 
 
 def test_wait_ready_reports_an_early_exit_with_the_log(
