@@ -1,0 +1,138 @@
+"""The gateway's HTTP API against a real gateway process and RabbitMQ."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from pipeline_helpers import call, post_packets
+
+CHUNK_LIMIT = 100_000
+
+
+@pytest.fixture
+def small_chunk_gateway(gateway_factory, datahaul_env):
+    """A gateway that refuses chunks over 100 kB; its base URL."""
+    gateway_factory(env={"DATAHAUL_MAX_CHUNK_BYTES": str(CHUNK_LIMIT)})
+    return datahaul_env["DATAHAUL_GATEWAY_URL"]
+
+
+def _good(**changes):
+    packet = {
+        "type": "image",
+        "file_id": "pic-1",
+        "seq": 1,
+        "total_seq": 4,
+        "data": base64.b64encode(b"pixels").decode(),
+    }
+    packet.update(changes)
+    return packet
+
+
+BAD_JSON = [
+    ({"seq": None}, 400, "seq"),
+    ({"seq": "one"}, 400, "seq"),
+    ({"seq": 0}, 400, "seq"),
+    ({"seq": 5}, 400, "seq"),
+    ({"total_seq": 0, "seq": 0}, 400, "total_seq"),
+    ({"type": "audio"}, 400, "type"),
+    ({"data": "not base64!"}, 400, "data"),
+    ({"file_id": "../../etc/passwd"}, 400, "file_id"),
+    ({"file_id": 42}, 400, "file_id"),
+    ({"metadata": "a string"}, 400, "metadata"),
+    ({"chunk_sha256": "f" * 64}, 400, "chunk_sha256"),
+    ({"data": base64.b64encode(b"x" * (CHUNK_LIMIT + 1)).decode()}, 413, "data"),
+]
+
+
+@pytest.mark.parametrize(("changes", "status", "field"), BAD_JSON)
+def test_bad_packets_get_a_4xx_naming_the_field(
+    small_chunk_gateway, changes, status, field
+):
+    """Each kind of bad packet is refused with its status and the field named,
+    and the gateway goes on serving good packets."""
+    code, answer = post_packets(small_chunk_gateway, [_good(**changes)])
+    assert (code, answer["field"]) == (status, field), answer
+    assert answer["reason"]
+
+    code, answer = post_packets(small_chunk_gateway, [_good(seq=2)])
+    assert code == 200, answer
+
+
+def test_a_missing_field_is_named(small_chunk_gateway):
+    """A packet without `total_seq` is refused naming `total_seq`."""
+    packet = _good()
+    del packet["total_seq"]
+    code, answer = post_packets(small_chunk_gateway, [packet])
+    assert (code, answer["field"]) == (400, "total_seq")
+
+
+def test_conflicts_with_earlier_packets_are_409(small_chunk_gateway):
+    """A packet whose total_seq or type differs from its file's gets 409."""
+    assert post_packets(small_chunk_gateway, [_good(file_id="c1")])[0] == 200
+    code, answer = post_packets(
+        small_chunk_gateway, [_good(file_id="c1", seq=2, total_seq=9)]
+    )
+    assert (code, answer["field"]) == (409, "total_seq")
+    code, answer = post_packets(
+        small_chunk_gateway, [_good(file_id="c1", seq=2, type="video")]
+    )
+    assert (code, answer["field"]) == (409, "type")
+
+
+def test_a_batch_is_refused_whole_naming_the_packet(small_chunk_gateway):
+    """One bad packet in an array refuses the array and says which one."""
+    batch = [_good(file_id="b1", seq=1), _good(file_id="b1", seq=99)]
+    code, answer = post_packets(small_chunk_gateway, batch)
+    assert (code, answer["field"], answer["index"]) == (400, "seq", 1)
+    status = call(f"{small_chunk_gateway}/v1/files/b1")
+    assert status[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "field"),
+    [
+        (b"{not json", "application/json", "$"),
+        (b"[]", "application/json", "$"),
+        (b"42", "application/json", "$"),
+        (json.dumps(_good()).encode() + b"\n{oops\n", "application/x-ndjson", "$"),
+    ],
+)
+def test_malformed_bodies_are_400(small_chunk_gateway, body, content_type, field):
+    """Bodies that are not packets at all are refused with a 400."""
+    code, answer = call(
+        f"{small_chunk_gateway}/v1/packets",
+        body,
+        method="POST",
+        headers={"Content-Type": content_type},
+    )
+    assert (code, answer["field"]) == (400, field), answer
+
+
+def test_raw_chunks_are_checked_like_json_packets(small_chunk_gateway):
+    """A raw PUT without its type, with a bad seq, or over the limit is refused
+    naming the field; a good one is accepted."""
+    url = f"{small_chunk_gateway}/v1/files/raw-1/chunks"
+    headers = {"X-Datahaul-Type": "video", "X-Datahaul-Total-Seq": "2"}
+    assert call(f"{url}/1", b"abc", method="PUT", headers={})[1]["field"] == "type"
+    assert call(f"{url}/x", b"abc", method="PUT", headers=headers)[1]["field"] == "seq"
+    code, answer = call(
+        f"{url}/1", b"x" * (CHUNK_LIMIT + 1), method="PUT", headers=headers
+    )
+    assert (code, answer["field"]) == (413, "data")
+    code, answer = call(f"{url}/2?type=video&total_seq=2", b"abc", method="PUT")
+    assert code == 200, answer
+
+
+def test_health_and_ledger_after_bad_input(small_chunk_gateway):
+    """After refusals the gateway is healthy and its ledger counts only
+    accepted packets."""
+    post_packets(small_chunk_gateway, [_good(file_id="l1", seq=3, total_seq=3)])
+    post_packets(small_chunk_gateway, [_good(file_id="l1", seq=4, total_seq=3)])
+    code, health = call(f"{small_chunk_gateway}/healthz")
+    assert (code, health["broker"]) == (200, "up")
+    code, ledger = call(f"{small_chunk_gateway}/v1/files/l1")
+    assert code == 200
+    assert (ledger["received"], ledger["missing"]) == (1, [[1, 2]])
