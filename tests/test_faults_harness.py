@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
+import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
@@ -191,6 +192,17 @@ async def test_vhost_keeps_queues_apart(amqp_url: str) -> None:
         with pytest.raises(QueueMissing):
             await queue_stats("amqp://guest:guest@127.0.0.1:5672/", name)
         await queue.delete(if_unused=False, if_empty=False)
+
+
+def test_pg_url_is_a_database_of_the_runs_own(pg_url: str) -> None:
+    """pg_url names a fresh datahaul_test_* database that the run can write to."""
+    with psycopg.connect(pg_url) as connection:
+        name = connection.execute("SELECT current_database()").fetchone()
+        connection.execute("CREATE TABLE harness_probe (id int)")
+        connection.execute("DROP TABLE harness_probe")
+
+    assert name is not None
+    assert name[0].startswith("datahaul_test_")
 
 
 async def test_reset_topology_drops_leftover_packets(amqp_url: str) -> None:
