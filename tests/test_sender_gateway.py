@@ -330,8 +330,8 @@ async def test_packets_buffered_by_the_gateway_count_as_sent(
 
     assert [(r.packets_sent, r.packets_buffered) for r in results] == [(3, 3), (1, 1)]
     assert [r.status for r in results if isinstance(r, SendResult)] == [
-        "sent (buffered)",
-        "sent (buffered)",
+        "buffered",
+        "buffered",
     ]
 
 

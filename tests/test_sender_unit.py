@@ -41,7 +41,7 @@ from datahaul.sender.chunking import (
     seqs_in_ranges,
     sha256_of,
 )
-from datahaul.sender.client import _FileSend
+from datahaul.sender.client import _FileSend, _header_name, _query_fields, _raw_fields
 from datahaul.sender.errors import FileChanged
 from datahaul.sender.retry import Outcome, classify, parse_retry_after
 
@@ -232,6 +232,40 @@ def test_packets_carry_checksums_the_gateway_accepts() -> None:
         assert packet.file_sha256 == hashlib.sha256(data).hexdigest()
         assert packet.total_seq == 8
     assert b"".join(p.data for p in decoded) == data
+
+
+def _video_send(file_name: str, metadata: dict[str, object] | None) -> _FileSend:
+    return _FileSend(
+        source=file_name,
+        file_id="clip",
+        file_name=file_name,
+        type="video",
+        content_type="video/mp4",
+        device_id="robot-7",
+        metadata=metadata,
+        sha256="0" * 64,
+        plan=ChunkPlan(10_000_000, 1024 * 1024),
+    )
+
+
+def test_raw_put_fields_fit_http_headers() -> None:
+    """Fields go in X-Datahaul-* headers; non-ASCII names go in the query instead."""
+    plain = _video_send("clip.mp4", {"route": "Straße 7"})
+    fields = _raw_fields(plain)
+    assert fields["total_seq"] == "10"
+    assert fields["metadata"].isascii()
+    assert _header_name("chunk_sha256") == "X-Datahaul-Chunk-Sha256"
+    assert _header_name("total_seq") == "X-Datahaul-Total-Seq"
+    assert _query_fields(plain) == {}
+
+    accented = _video_send("Ünïcode clip.mp4", None)
+    assert "file_name" not in _raw_fields(accented)
+    assert _query_fields(accented) == {"file_name": "Ünïcode clip.mp4"}
+
+
+def test_fields_too_large_for_headers_send_the_file_as_json() -> None:
+    """Metadata past the header budget sends every packet in a JSON body."""
+    assert _raw_fields(_video_send("clip.mp4", {"notes": "x" * 5000})) == {}
 
 
 def test_missing_ranges_become_the_seqs_to_send() -> None:

@@ -10,6 +10,7 @@ from typing import Any, TextIO, cast
 
 import structlog
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -215,7 +216,7 @@ class _ConsoleWriter:
     def write(self, text: str) -> int:
         *lines, self._partial = (self._partial + text).split("\n")
         for line in lines:
-            self._console.print(line, markup=False, highlight=False)
+            self._console.print(line, markup=False, highlight=False, soft_wrap=True)
         return len(text)
 
     def flush(self) -> None:
@@ -282,12 +283,12 @@ class _Bars:
 
 
 def _table(files: list[Path], outcomes: list[Outcome]) -> Table:
-    table = Table(title=None)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # The id is what a person needs next (`datahaul status ID`): never cut it.
     table.add_column("path", overflow="fold")
     table.add_column("file_id", no_wrap=True, min_width=FILE_ID_WIDTH)
     table.add_column("type")
-    for column in ("size", "sent", "skipped"):
+    for column in ("size", "sent", "skip"):
         table.add_column(column, justify="right")
     table.add_column("status")
     for path, outcome in zip(files, outcomes, strict=True):
@@ -338,6 +339,8 @@ def _human(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            break
         value /= 1024
-    return f"{size} B"
+    if unit == "B":
+        return f"{size} B"
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"

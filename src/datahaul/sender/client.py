@@ -101,10 +101,11 @@ class SendResult:
 
     @property
     def status(self) -> str:
+        """sent; buffered (the gateway holds some in its outbox); already sent."""
         if self.packets_sent == 0:
             return "already sent"
         if self.packets_buffered:
-            return "sent (buffered)"
+            return "buffered"
         return "sent"
 
     def to_json(self) -> dict[str, Any]:
