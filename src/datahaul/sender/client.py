@@ -141,7 +141,7 @@ class _FileSend:
     sent: int = 0
     buffered: int = 0
 
-    def packet(self, seq: int, data: bytes) -> Packet:
+    def packet(self, seq: int, data: bytes, chunk_sha256: str | None = None) -> Packet:
         return Packet(
             type=self.type,
             file_id=self.file_id,
@@ -151,7 +151,7 @@ class _FileSend:
             file_name=self.file_name,
             content_type=self.content_type,
             device_id=self.device_id,
-            chunk_sha256=hashlib.sha256(data).hexdigest(),
+            chunk_sha256=chunk_sha256 or hashlib.sha256(data).hexdigest(),
             file_sha256=self.sha256,
             metadata=self.metadata,
         )
@@ -539,8 +539,8 @@ class Sender:
         self, state: _FileSend, source: ChunkSource, seq: int
     ) -> Packet:
         offset, length = state.plan.offset(seq), state.plan.length(seq)
-        data = await asyncio.to_thread(source.read, offset, length)
-        return state.packet(seq, data)
+        data, digest = await asyncio.to_thread(_read_and_hash, source, offset, length)
+        return state.packet(seq, data, digest)
 
     async def _put(self, state: _FileSend, packet: Packet) -> None:
         headers = {
@@ -708,6 +708,13 @@ class Sender:
     def _emit(self, source: str, phase: Phase, size: int, advance: int = 0) -> None:
         if self.progress is not None:
             self.progress(ProgressEvent(source, phase, size, advance))
+
+
+def _read_and_hash(source: ChunkSource, offset: int, length: int) -> tuple[bytes, str]:
+    # Hashing a multi-MiB chunk takes milliseconds: off the event loop, and
+    # hashlib lets go of the GIL while it works.
+    data = source.read(offset, length)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _open(path: Path) -> FileSource:
