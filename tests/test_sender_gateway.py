@@ -50,12 +50,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vhost() -> Iterator[str]:
+def vhost(rabbitmq: None) -> Iterator[str]:
     """A fresh vhost for this module's gateways, deleted with its queues after."""
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
-    except OSError:
-        pytest.fail("RabbitMQ does not accept connections on 127.0.0.1:5672")
     name = f"datahaul-sender-{secrets.token_hex(4)}"
     _rabbitmqctl("add_vhost", name)
     _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
