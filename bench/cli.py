@@ -7,6 +7,8 @@ import asyncio
 import datetime
 import json
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,6 +110,11 @@ def parser() -> argparse.ArgumentParser:
         help="where the files go (default: a temporary directory)",
     )
     cli.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory (source file, service logs) and print it",
+    )
+    cli.add_argument(
         "--write-doc",
         nargs="?",
         const=ROOT / "docs" / "benchmarks.md",
@@ -130,11 +137,17 @@ def main() -> None:
     except DatahaulError as exc:
         sys.exit(f"error: {exc}")
 
-    with tempfile.TemporaryDirectory(
-        prefix="datahaul-bench-", dir=args.work_dir
-    ) as tmp:
-        context = RunContext(options_from(args, Path(tmp)))
+    work_dir = Path(tempfile.mkdtemp(prefix="datahaul-bench-", dir=args.work_dir))
+    context = RunContext(options_from(args, work_dir))
+    try:
         failures = asyncio.run(run_parts(context, chosen))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit("interrupted: the parts' vhosts and services were removed")
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
     console = Console()
     print_tables(context.figures, console)
@@ -178,6 +191,7 @@ def options_from(args: argparse.Namespace, work_dir: Path) -> Options:
 
 async def run_parts(context: RunContext, names: list[str]) -> dict[str, str]:
     """Run each part in turn; one failing does not stop the others."""
+    stop_on_sigterm()
     failures = {}
     for name in names:
         started = time.perf_counter()
@@ -188,12 +202,25 @@ async def run_parts(context: RunContext, names: list[str]) -> dict[str, str]:
             failures[name] = str(exc)
             log.error("bench.part_failed", part=name, error=str(exc))
             continue
+        except Exception as exc:
+            # A broker restarted by someone else mid-run, for instance: the
+            # part's figures are void, the other parts may still stand.
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            log.exception("bench.part_crashed", part=name)
+            continue
         log.info(
             "bench.part_done",
             part=name,
             seconds=round(time.perf_counter() - started, 1),
         )
     return failures
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM cancels the run like Ctrl-C, so vhosts and services are removed."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 def header(context: RunContext) -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ EVENT_EXCHANGE = "datahaul.events"
 STORED_KEY = "file.stored.#"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -50,9 +53,15 @@ class Service:
     process: asyncio.subprocess.Process
     log_path: Path
 
-    @property
-    def psutil(self) -> psutil.Process:
-        return psutil.Process(self.process.pid)
+    def watch(self) -> psutil.Process:
+        """The process, for sampling; an error with its log if it has died."""
+        self.check_alive()
+        try:
+            return psutil.Process(self.process.pid)
+        except psutil.NoSuchProcess:
+            raise BenchmarkError(
+                f"datahaul {self.name} is gone; the end of its log:\n{self.tail()}"
+            ) from None
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -75,6 +84,11 @@ class StoredEvents:
 
     arrivals: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: str | None = None
+
+    def connection_lost(self, *_: object) -> None:
+        self.lost = "the events connection to RabbitMQ closed during the run"
+        self.changed.set()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         arrived = time.perf_counter()
@@ -88,6 +102,11 @@ class StoredEvents:
     ) -> tuple[float, dict[str, Any]]:
         deadline = time.monotonic() + within
         while file_id not in self.arrivals:
+            if self.lost:
+                raise BenchmarkError(
+                    f"{self.lost} (was RabbitMQ restarted?); the figure would not "
+                    "be a clean measurement"
+                )
             self.changed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -127,6 +146,7 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
         }
         async with services(env, port, data_dir) as (gateway, worker):
             await wait_ready(gateway, worker, gateway_url, amqp_url)
+            startup = await startup_seconds(env)
             async with stored_events(amqp_url) as events:
                 run = await timed_send(
                     context, source, chunk, gateway_url, env, events, gateway, worker
@@ -134,7 +154,7 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
             stored = await status_of(run.file_id, env)
 
     verify(source, run.event, stored)
-    return transfer_figures(options.queue_type, chunk, source, run)
+    return transfer_figures(options.queue_type, chunk, source, run, startup)
 
 
 @dataclass(frozen=True)
@@ -159,9 +179,13 @@ async def timed_send(
     worker: Service,
 ) -> TransferRun:
     """Send the file; the clock runs from the sender's start to the event."""
-    watched = {"gateway": gateway.psutil, "worker": worker.psutil}
+    watched = {"gateway": gateway.watch(), "worker": worker.watch()}
     broker = broker_process()
-    meter = CpuMeter(watched | ({"broker": broker} if broker else {}))
+    meter = CpuMeter(
+        watched | ({"broker": broker} if broker else {}),
+        self_label=None,
+        children_label="sender",
+    )
     sampler = PeakSampler(watched)
     sampler.start()
     try:
@@ -193,6 +217,7 @@ async def run_sender(
     command = [
         DATAHAUL, "send", str(path), "--type", "video",
         "--chunk-size", flag_name(chunk), "--gateway", gateway_url, "--json",
+        "--no-progress",
     ]  # fmt: skip
     sender = await asyncio.create_subprocess_exec(
         *command,
@@ -214,6 +239,16 @@ async def run_sender(
             f"{err.decode(errors='replace').strip()[-2000:]}"
         )
     return out.decode()
+
+
+async def startup_seconds(env: dict[str, str]) -> float:
+    """How long `datahaul send --help` takes: the start-up inside each send."""
+    started = time.perf_counter()
+    helper = await asyncio.create_subprocess_exec(
+        DATAHAUL, "send", "--help", env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    await helper.wait()
+    return time.perf_counter() - started
 
 
 def file_id_from(output: str) -> str:
@@ -297,14 +332,15 @@ def sha256_of(path: Path) -> str:
 
 
 def transfer_figures(
-    queue_type: str, chunk: int, source: SourceFile, run: TransferRun
+    queue_type: str, chunk: int, source: SourceFile, run: TransferRun, startup: float
 ) -> list[Figure]:
     chunk_name = size_name(chunk)
     rate = mb_per_s(source.size, run.stored_seconds)
     detail = (
         f"{size_name(source.size)} stored {run.stored_seconds:.2f} s after the "
-        f"sender started (sender done at {run.send_seconds:.2f} s); SHA-256 "
-        f"verified; {run.cores}"
+        f"sender started (sender exited at {run.send_seconds:.2f} s; its start-up "
+        f"alone, `send --help`, takes {startup:.2f} s); SHA-256 verified; "
+        f"{run.cores}"
     )
     figures = [
         Figure(
@@ -364,9 +400,20 @@ async def start(
     log_path = data_dir.parent / f"{data_dir.name}-{name}.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
-            DATAHAUL, *args, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+            DATAHAUL,
+            *args,
+            env=env,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
     return Service(name, process, log_path)
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGTERM if the harness dies without cleaning up."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def stop(service: Service) -> None:
@@ -432,6 +479,7 @@ async def stored_events(amqp_url: str) -> AsyncIterator[StoredEvents]:
     """Subscribe to file.stored events before anything is sent."""
     events = StoredEvents()
     connection = await aio_pika.connect(amqp_url)
+    connection.close_callbacks.add(events.connection_lost)
     try:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(

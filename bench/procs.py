@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import threading
 import time
@@ -17,10 +18,18 @@ import psutil
 from bench.units import MB
 
 
+def members(process: psutil.Process) -> list[psutil.Process]:
+    """The process and its children; empty once the process is gone."""
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def tree_rss(process: psutil.Process) -> int:
     """Resident bytes of a process and all its children, right now."""
     total = 0
-    for member in [process, *process.children(recursive=True)]:
+    for member in members(process):
         try:
             total += member.memory_info().rss
         except psutil.NoSuchProcess:
@@ -36,7 +45,7 @@ def tree_high_water(process: psutil.Process) -> int:
     only overstate the tree's true peak.
     """
     total = 0
-    for member in [process, *process.children(recursive=True)]:
+    for member in members(process):
         try:
             status = Path(f"/proc/{member.pid}/status").read_text()
         except OSError:
@@ -50,7 +59,7 @@ def tree_high_water(process: psutil.Process) -> int:
 def tree_cpu_seconds(process: psutil.Process) -> float:
     """User plus system CPU seconds of a process and its live children."""
     total = 0.0
-    for member in [process, *process.children(recursive=True)]:
+    for member in members(process):
         try:
             times = member.cpu_times()
         except psutil.NoSuchProcess:
@@ -88,17 +97,21 @@ class PeakSampler:
 
     def _sample(self) -> None:
         for name, process in self.processes.items():
-            try:
-                self.peaks[name] = max(self.peaks[name], tree_rss(process))
-            except psutil.NoSuchProcess:
-                continue
+            self.peaks[name] = max(self.peaks[name], tree_rss(process))
 
 
 @dataclass
 class CpuMeter:
-    """CPU seconds used by named processes (and this one) over an interval."""
+    """CPU seconds used by named processes over an interval, as cores busy.
+
+    `self_label` names this process (the benchmark's own client) and
+    `children_label` the children that this process waits for during the
+    interval (a sender run as a subprocess); either may be left out.
+    """
 
     processes: dict[str, psutil.Process]
+    self_label: str | None = "client"
+    children_label: str | None = None
     used: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
 
@@ -121,12 +134,14 @@ class CpuMeter:
         return "cores busy: " + ", ".join(parts)
 
     def _read(self) -> dict[str, float]:
-        readings = {"client": time.process_time()}
+        readings = {}
+        if self.self_label:
+            readings[self.self_label] = time.process_time()
+        if self.children_label:
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            readings[self.children_label] = usage.ru_utime + usage.ru_stime
         for name, process in self.processes.items():
-            try:
-                readings[name] = tree_cpu_seconds(process)
-            except psutil.NoSuchProcess:
-                readings[name] = 0.0
+            readings[name] = tree_cpu_seconds(process)
         return readings
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 # bench/ is a tool next to the package, not installed with it.
@@ -144,3 +147,58 @@ def test_an_unknown_part_is_refused_with_the_choices() -> None:
     assert done.returncode != 0
     assert "warp-drive" in done.stderr
     assert "pipeline" in done.stderr
+
+
+def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> None:
+    """A 2 MiB video goes through gateway and worker; rate and memory are saved."""
+    saved = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "pipeline", "--size", "2M",
+         "--chunk-sizes", "256K", "--json", str(saved), "--work-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = {f["key"]: f for f in json.loads(saved.read_text())["figures"]}
+    assert set(figures) == {
+        "pipeline/video/quorum/262144", "mem/gateway/262144", "mem/worker/262144",
+    }  # fmt: skip
+    assert figures["pipeline/video/quorum/262144"]["value"] > 0
+    assert "SHA-256 verified" in figures["pipeline/video/quorum/262144"]["detail"]
+    assert figures["mem/worker/262144"]["value"] > 10
+
+
+def test_sigterm_removes_the_vhost_and_stops_the_services(tmp_path: Path) -> None:
+    """A run stopped with SIGTERM leaves no vhost and no gateway or worker behind."""
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--parts", "pipeline", "--size", "512M",
+         "--chunk-sizes", "256K", "--work-dir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        services = wait_for_services(harness.pid, timeout=120)
+        harness.send_signal(signal.SIGTERM)
+        assert harness.wait(timeout=60) != 0
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+
+    assert not [s for s in services if s.is_running() and s.status() != "zombie"]
+    vhosts = subprocess.run(
+        ["rabbitmqctl", "list_vhosts"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"-{harness.pid}-" not in vhosts
+    assert list(tmp_path.iterdir()) == []
+
+
+def wait_for_services(pid: int, timeout: float) -> list[psutil.Process]:
+    """The harness's gateway and worker processes, once both have started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = psutil.Process(pid).children()
+        commands = " | ".join(" ".join(child.cmdline()) for child in children)
+        if "datahaul worker" in commands and "datahaul gateway" in commands:
+            return children
+        time.sleep(0.2)
+    raise AssertionError(f"the harness started no gateway and worker in {timeout} s")
