@@ -46,6 +46,41 @@ def replication_arguments(settings: Settings) -> dict[str, Any]:
     return {"x-quorum-initial-group-size": settings.quorum_group_size}
 
 
+class DeclareOnce:
+    """Declares the topology on a process's first connection, only checks it after.
+
+    A declare writes to the cluster's metadata store on every node, so it
+    waits while any cluster node hangs, until the cluster gives that node
+    up (a minute or more); a passive lookup reads locally and answers at
+    once. A process that moves off a failed node is thus back at work in
+    moments, and declares again only when the topology has gone missing.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._declared = False
+
+    async def apply(self, channel: AbstractChannel) -> AbstractExchange:
+        """The packet exchange, on this channel, with every queue in place."""
+        if not self._declared:
+            exchange = await declare(channel, self.settings)
+            self._declared = True
+            return exchange
+        try:
+            return await look_up(channel)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            # Deleted since: the caller's next attempt declares it afresh.
+            self._declared = False
+            raise
+
+
+async def look_up(channel: AbstractChannel) -> AbstractExchange:
+    """The packet exchange, once passive declares found it and every queue."""
+    for name in (*QUEUES.values(), DEAD_QUEUE):
+        await channel.declare_queue(name, passive=True)
+    return await channel.get_exchange(PACKET_EXCHANGE)
+
+
 async def declare(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
     """Declare everything; safe to repeat, and the same for every process."""
     packets = await channel.declare_exchange(
