@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import secrets
 import time
 import urllib.parse
@@ -30,6 +31,9 @@ from bench.registry import BenchmarkError, Figure, Options, RunContext, benchmar
 from bench.units import mb_per_s, size_name
 
 log = structlog.get_logger("datahaul.bench")
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+VHOST_DELETE_RETRIES = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 # --- vhosts -----------------------------------------------------------------
@@ -51,8 +55,9 @@ async def rabbitmqctl(*args: str) -> str:
         ) from None
     out, err = await process.communicate()
     if process.returncode != 0:
+        reason = ANSI.sub("", err.decode()).strip().splitlines()
         raise BenchmarkError(
-            f"rabbitmqctl {' '.join(args)} failed: {err.decode().strip()}"
+            f"rabbitmqctl {' '.join(args)} failed: {reason[0] if reason else '?'}"
         )
     return out.decode()
 
@@ -66,7 +71,24 @@ async def fresh_vhost(base_url: str, purpose: str) -> AsyncIterator[str]:
         await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield with_vhost(base_url, name)
     finally:
-        await rabbitmqctl("delete_vhost", name)
+        await delete_vhost(name)
+
+
+async def delete_vhost(name: str) -> None:
+    """Delete, retrying while the broker is down; never hide the run's own error."""
+    for delay in VHOST_DELETE_RETRIES:
+        try:
+            await rabbitmqctl("delete_vhost", name)
+            return
+        except BenchmarkError as exc:
+            last = str(exc)
+        await asyncio.sleep(delay)
+    log.warning(
+        "bench.vhost_left",
+        vhost=name,
+        error=last,
+        remove_with=f"rabbitmqctl delete_vhost {name}",
+    )
 
 
 def with_vhost(url: str, vhost: str) -> str:

@@ -111,7 +111,10 @@ def comparison_cells(check: Comparison) -> list[str]:
 def markdown(figures: list[Figure], header: list[str], failures: dict[str, str]) -> str:
     """The generated section of docs/benchmarks.md, between the markers."""
     lines = [BEGIN, "", "## Latest run", "", *header]
-    lines += [f"- Part `{name}` failed: {error}" for name, error in failures.items()]
+    lines += [
+        f"- Part `{name}` failed: {' '.join(error.split())}"
+        for name, error in failures.items()
+    ]
     lines += ["", "### Figures", ""]
     lines += ["| figure | value | how it was measured |", "|---|---:|---|"]
     for figure in figures:

@@ -51,6 +51,7 @@ class ConfirmingPublisher:
     ) -> None:
         self.settings = settings
         self.ring = NodeRing(settings.amqp_urls, name)
+        self.topology = topology.DeclareOnce(settings)
         self.link_up = False
         self.last_error: str | None = None
         self._exchange: AbstractExchange | None = None
@@ -123,7 +124,7 @@ class ConfirmingPublisher:
                 channel = await connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
-                self._exchange = await topology.declare(channel, self.settings)
+                self._exchange = await self.topology.apply(channel)
             except LINK_FAILURES as exc:
                 self._set_link(False, str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)

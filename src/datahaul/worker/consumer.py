@@ -83,6 +83,7 @@ class Worker:
             owner=self.owner,
         )
         self.ring = NodeRing(settings.amqp_urls, f"datahaul-worker {self.owner}")
+        self.topology = topology.DeclareOnce(settings)
         self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="stage")
         self._final_pool = ThreadPoolExecutor(1, thread_name_prefix="finalize")
         self._finalizing: set[str] = set()
@@ -139,7 +140,7 @@ class Worker:
 
     async def _serve(self, channel: AbstractChannel) -> asyncio.Task[None]:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
-        await topology.declare(channel, self.settings)
+        await self.topology.apply(channel)
         self._events = await channel.get_exchange(topology.EVENT_EXCHANGE)
         self._dead = await channel.get_exchange(topology.DEAD_EXCHANGE)
         inbox: asyncio.Queue[Delivery] = asyncio.Queue()
