@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +154,8 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
                 )
             stored = await status_of(run.file_id, env)
 
-    verify(source, run.event, stored)
-    return transfer_figures(options.queue_type, chunk, source, run, startup)
+    checked = verify(source, run.event, stored)
+    return transfer_figures(options.queue_type, chunk, source, run, startup, checked)
 
 
 @dataclass(frozen=True)
@@ -296,8 +297,11 @@ async def status_of(file_id: str, env: dict[str, str]) -> dict[str, Any]:
     return document
 
 
-def verify(source: SourceFile, event: dict[str, Any], stored: dict[str, Any]) -> None:
-    """The event, the catalog and the stored bytes must all match the source."""
+def verify(source: SourceFile, event: dict[str, Any], stored: dict[str, Any]) -> str:
+    """The event, the catalog and the stored bytes must all match the source.
+
+    Returns what was compared, for the figure's note.
+    """
     claims = {
         "file.stored event": (event.get("sha256"), event.get("size")),
         "datahaul status": (stored.get("sha256"), stored.get("size")),
@@ -311,16 +315,21 @@ def verify(source: SourceFile, event: dict[str, Any], stored: dict[str, Any]) ->
     if stored.get("state") != "stored":
         raise BenchmarkError(f"datahaul status says state={stored.get('state')!r}")
     location = stored_path(stored.get("location"))
-    if location is not None and sha256_of(location) != source.sha256:
+    if location is None:
+        return "event and catalog"
+    if sha256_of(location) != source.sha256:
         raise BenchmarkError(f"the bytes stored at {location} differ from the source")
+    return "event, catalog and stored blob"
 
 
 def stored_path(location: object) -> Path | None:
     """The blob's path when the store is a local directory, else None."""
-    if not isinstance(location, str):
+    if not isinstance(location, str) or not location.startswith("file://"):
         return None
-    path = Path(location.removeprefix("file://"))
-    return path if path.is_file() else None
+    path = Path(urllib.parse.unquote(location.removeprefix("file://")))
+    if not path.is_file():
+        raise BenchmarkError(f"the catalog says the file is at {location}; it is not")
+    return path
 
 
 def sha256_of(path: Path) -> str:
@@ -332,15 +341,20 @@ def sha256_of(path: Path) -> str:
 
 
 def transfer_figures(
-    queue_type: str, chunk: int, source: SourceFile, run: TransferRun, startup: float
+    queue_type: str,
+    chunk: int,
+    source: SourceFile,
+    run: TransferRun,
+    startup: float,
+    checked: str,
 ) -> list[Figure]:
     chunk_name = size_name(chunk)
     rate = mb_per_s(source.size, run.stored_seconds)
     detail = (
         f"{size_name(source.size)} stored {run.stored_seconds:.2f} s after the "
         f"sender started (sender exited at {run.send_seconds:.2f} s; its start-up "
-        f"alone, `send --help`, takes {startup:.2f} s); SHA-256 verified; "
-        f"{run.cores}"
+        f"alone, `send --help`, takes {startup:.2f} s); SHA-256 verified in "
+        f"{checked}; {run.cores}"
     )
     figures = [
         Figure(
