@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -195,7 +196,8 @@ async def run_parts(context: RunContext, names: list[str]) -> dict[str, str]:
     failures = {}
     for name in names:
         started = time.perf_counter()
-        log.info("bench.part_started", part=name)
+        context.loads[name] = os.getloadavg()[0]
+        log.info("bench.part_started", part=name, load=context.loads[name])
         try:
             context.figures += await REGISTRY[name].run(context)
         except DatahaulError as exc:
@@ -240,6 +242,8 @@ def header(context: RunContext) -> list[str]:
         f"- Source file: {size_name(options.file_size)} of random bytes; "
         f"{options.queue_type} queues; {options.window} confirms in flight; "
         f"prefetch {options.prefetch}; MB = 10^6 bytes",
+        "- Load average (1 min) as each part started, other work included: "
+        + ", ".join(f"{name} {load:.1f}" for name, load in context.loads.items()),
     ]
 
 

@@ -71,6 +71,7 @@ class RunContext:
     options: Options
     figures: list[Figure] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)
+    loads: dict[str, float] = field(default_factory=dict)
     _source: SourceFile | None = None
 
     def source(self) -> SourceFile:
