@@ -131,20 +131,9 @@ def test_migrating_again_is_a_no_op(catalog: Catalog) -> None:
     assert sorted(row[0] for row in versions) == [v for v, _ in MIGRATIONS]
 
 
-def test_processes_starting_together_migrate_once(
-    catalog_url: str, request: pytest.FixtureRequest
-) -> None:
+def test_processes_starting_together_migrate_once(catalog_url: str) -> None:
     """Several catalogs opening one empty database at once apply each
     migration exactly once between them."""
-    if catalog_url.startswith("postgresql"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="Catalog.migrate runs CREATE TABLE IF NOT EXISTS before "
-                "its lock, and concurrent creates of one table collide in "
-                "PostgreSQL's pg_type; taking pg_advisory_xact_lock first fixes it",
-            )
-        )
     applied = at_once(4, catalog_url, lambda catalog: catalog.migrate())
 
     assert sorted(v for versions in applied for v in versions) == [

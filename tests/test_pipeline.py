@@ -225,3 +225,22 @@ def test_postgresql_catalog_stores_text_and_images(
     assert stored_bytes(catalog_url, records["pg-text"]) == text.content
     assert stored_bytes(catalog_url, records["pg-image"]) == image.content
     assert file_rows(catalog_url, "pg-text") == 1
+
+
+def test_empty_files_are_stored_empty(
+    gateway_url, gateway, worker_factory, datahaul_env
+):
+    """A zero-byte file (one empty packet) is stored as an empty file."""
+    worker_factory("all")
+    empties = [
+        SourceFile(f"empty-{kind}", kind, b"", chunk=1000) for kind in ("text", "image")
+    ]
+    status, answer = post_packets(gateway_url, [f.packet(1) for f in empties])
+    assert status == 200, answer
+
+    catalog_url = datahaul_env["DATAHAUL_CATALOG_URL"]
+    records = wait_stored(catalog_url, [f.file_id for f in empties])
+    for source in empties:
+        assert records[source.file_id].state == "stored"
+        assert records[source.file_id].size == 0
+        assert stored_bytes(catalog_url, records[source.file_id]) == b""

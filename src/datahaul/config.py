@@ -34,6 +34,7 @@ class Settings:
     gateway_port: int = 8080
     gateway_url: str = "http://127.0.0.1:8080"
     publish_window: int = 256
+    publish_window_bytes: int = 64 * MiB
     confirm_timeout: float = 10.0
     outbox_quota_bytes: int = 2048 * MiB
     ledger_files: int = 10_000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,31 @@ class Outgoing:
     keys: list[tuple[str, int]] = field(default_factory=list)
 
 
+class ByteBudget:
+    """Bounds the bytes of unconfirmed messages, and so the gateway's memory:
+    the AMQP client keeps each body until its confirm arrives."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        async with self._changed:
+            # A message larger than the whole budget still goes, alone.
+            await self._changed.wait_for(
+                lambda: self.used == 0 or self.used + size <= self.limit
+            )
+            self.used += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= size
+                self._changed.notify_all()
+
+
 class ConfirmingPublisher:
     """Keeps a publishing channel open and says when the broker has a message.
 
@@ -57,6 +82,7 @@ class ConfirmingPublisher:
         self._exchange: AbstractExchange | None = None
         self._connection: AbstractConnection | None = None
         self._window = asyncio.Semaphore(settings.publish_window)
+        self._bytes_in_flight = ByteBudget(settings.publish_window_bytes)
         self._up = asyncio.Event()
         self._dropped = asyncio.Event()
         self._on_link_change = on_link_change
@@ -89,7 +115,7 @@ class ConfirmingPublisher:
             message_id=message.message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        async with self._window:
+        async with self._window, self._bytes_in_flight.hold(len(message.body)):
             try:
                 await asyncio.wait_for(
                     exchange.publish(amqp_message, message.routing_key, mandatory=True),

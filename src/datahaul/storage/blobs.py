@@ -29,8 +29,15 @@ class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None:
         """Store small bytes durably under key, replacing what was there."""
 
-    def put_stream(self, key: str, blocks: Iterable[bytes]) -> str:
-        """Store a stream durably under key; return its location (a URL)."""
+    def put_stream(
+        self, key: str, blocks: Iterable[bytes], sha256: str | None = None
+    ) -> str:
+        """Store a stream durably under key; return its location (a URL).
+
+        `sha256`, when the caller knows it beforehand, lets a store that keeps
+        checksums (S3) record it and refuse other bytes with IntegrityError;
+        the caller checks the digest itself either way.
+        """
 
     def read(self, key: str) -> bytes:
         """The whole of a (small) object."""
@@ -68,7 +75,9 @@ class FilesystemStore:
     def put(self, key: str, data: bytes) -> None:
         self._write(key, [data], sync_dir=False)
 
-    def put_stream(self, key: str, blocks: Iterable[bytes]) -> str:
+    def put_stream(
+        self, key: str, blocks: Iterable[bytes], sha256: str | None = None
+    ) -> str:
         return self._write(key, blocks, sync_dir=True).as_uri()
 
     def _write(self, key: str, blocks: Iterable[bytes], *, sync_dir: bool) -> Path:

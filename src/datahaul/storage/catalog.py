@@ -20,6 +20,9 @@ from datahaul.storage.sql import Database, Transaction, open_database
 
 log = structlog.get_logger("datahaul.catalog")
 
+# Any constant will do, as long as nothing else in the database uses it.
+MIGRATION_LOCK = 0x64617461686C
+
 RECEIVING = "receiving"
 ASSEMBLING = "assembling"
 STORED = "stored"
@@ -136,13 +139,14 @@ class Catalog:
     def migrate(self) -> list[int]:
         """Apply the migrations this database has not seen; return them."""
         with self.db.transaction() as txn:
+            if self.db.dialect == "postgresql":
+                # Processes starting together on an empty database must not
+                # race to create the same tables.
+                txn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
             txn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
             )
-            if self.db.dialect == "postgresql":
-                # Two processes starting at once must not both migrate.
-                txn.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
             done = {
                 row[0]
                 for row in txn.execute(
@@ -308,7 +312,8 @@ class Catalog:
                 (file_id, after, page),
             )
             for seq, size, name, inline in rows:
-                yield StagedChunk(seq, size, name, bytes(inline) if inline else None)
+                data = bytes(inline) if inline is not None else None
+                yield StagedChunk(seq, size, name, data)
             if len(rows) < page:
                 return
             after = rows[-1][0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,9 +121,9 @@ class SQLiteDatabase(Database):
         connection = sqlite3.connect(
             self.path, timeout=60.0, isolation_level=None, check_same_thread=False
         )
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=60000")
+        _use_wal(connection)
+        connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA foreign_keys=ON")
         return _AutoBegin(connection)
 
@@ -130,6 +131,19 @@ class SQLiteDatabase(Database):
         # IMMEDIATE takes the write lock up front, so two processes never
         # deadlock upgrading their read locks.
         connection.execute("BEGIN IMMEDIATE")
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Switch to WAL; the switch skips the busy handler, so retry it by hand
+    while another process opening the same new file holds it."""
+    for attempt in range(200):
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 199:
+                raise
+            time.sleep(0.05)
 
 
 class _AutoBegin:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-import zlib
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -30,6 +30,7 @@ from datahaul.storage.catalog import (
     STORED,
     Catalog,
     FileRecord,
+    StagedChunk,
     StageOutcome,
 )
 
@@ -70,19 +71,28 @@ class Assembler:
         complete.
         """
         finished = self._finished_files(packets)
+        segments: dict[str, list[Packet]] = {}
         staged: list[tuple[Packet, str | None]] = []
-        keys: list[str] = []
         for packet in packets:
             if packet.file_id in finished:
                 continue
             if len(packet.data) <= self.settings.inline_chunk_bytes:
                 staged.append((packet, None))
-                continue
-            name = staged_name(packet)
-            key = f"{packet.file_id}/{name}"
-            self.staging.put(key, packet.data)
-            keys.append(key)
-            staged.append((packet, name))
+            else:
+                segments.setdefault(packet.file_id, []).append(packet)
+
+        # A batch's large chunks of one file go to disk as one segment: one
+        # fsync per file and batch instead of one per chunk, which is what
+        # lets staging keep up with the broker.
+        keys = []
+        for file_id, group in segments.items():
+            segment = f"{group[0].seq:08d}-{uuid.uuid4().hex[:12]}"
+            keys.append(f"{file_id}/{segment}")
+            self.staging.put(keys[-1], b"".join(p.data for p in group))
+            offset = 0
+            for packet in group:
+                staged.append((packet, f"{segment}@{offset}"))
+                offset += len(packet.data)
 
         # The catalog row is what makes a chunk count, so the staged bytes
         # must be durable before it commits.
@@ -163,7 +173,9 @@ class Assembler:
         ):
             text = b"".join(blocks)
             return STORED, TEXT_LOCATION + record.file_id, text, None
-        location = self.blobs.put_stream(blob_key(record), blocks)
+        location = self.blobs.put_stream(
+            blob_key(record), blocks, sha256=record.expected_sha256
+        )
         return STORED, location, None, None
 
     def _blocks(self, record: FileRecord, hasher: hashlib._Hash) -> Iterator[bytes]:
@@ -179,7 +191,7 @@ class Assembler:
             if chunk.inline_data is not None:
                 data = chunk.inline_data
             else:
-                data = self.staging.read(f"{record.file_id}/{chunk.staged_name}")
+                data = self._read_staged(record.file_id, chunk)
             if len(data) != chunk.size:
                 raise IntegrityError(
                     f"staged chunk {chunk.seq} of {record.file_id} has "
@@ -194,6 +206,13 @@ class Assembler:
                 ):
                     raise StorageError(f"lost the lease on {record.file_id}")
                 renew_at = time.monotonic() + self.settings.lease_seconds / 3
+
+    def _read_staged(self, file_id: str, chunk: StagedChunk) -> bytes:
+        segment, _, offset = (chunk.staged_name or "").partition("@")
+        start = int(offset or 0)
+        return b"".join(
+            self.staging.open_range(f"{file_id}/{segment}", start, start + chunk.size)
+        )
 
     def sweep_staging(self) -> None:
         """Remove staged chunks of files that no longer need them.
@@ -212,17 +231,6 @@ class Assembler:
     def _discard_blob(self, record: FileRecord) -> None:
         if record.type != "text":
             self.blobs.delete_prefix(blob_folder(record))
-
-
-def staged_name(packet: Packet) -> str:
-    """A name that differs when the bytes differ, so no rewrite clobbers a
-    chunk another worker already recorded."""
-    token = (
-        packet.chunk_sha256[:16]
-        if packet.chunk_sha256
-        else (f"{zlib.crc32(packet.data):08x}{len(packet.data):x}")
-    )
-    return f"{packet.seq:08d}-{token}"
 
 
 def blob_folder(record: FileRecord) -> str:

@@ -382,7 +382,9 @@ class Worker:
         )
         metrics.WORKER.files_expired.inc(len(expired))
         for file_id in expired:
-            self.assembler.staging.delete_prefix(file_id)
+            await loop.run_in_executor(
+                self._stage_pool, self.assembler.staging.delete_prefix, file_id
+            )
             log.warning("file.expired", file_id=file_id)
 
         unsent = await loop.run_in_executor(
