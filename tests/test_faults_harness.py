@@ -12,7 +12,12 @@ from pathlib import Path
 import aio_pika
 import psycopg
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 import conftest
 from conftest import GatewayFactory, WorkerFactory
@@ -25,6 +30,7 @@ from datahaul.faults.rabbit import (
     queue_stats,
     rabbitmq_down,
     reset_topology,
+    wait_for_consumers,
 )
 
 
@@ -219,6 +225,47 @@ async def test_reset_topology_drops_leftover_packets(amqp_url: str) -> None:
 
     with pytest.raises(QueueMissing):
         await queue_stats(amqp_url, "text_data_queue")
+
+
+async def test_wait_for_consumers_rides_out_an_unreachable_broker(
+    fault_proxy: FaultProxy, amqp_url: str
+) -> None:
+    """wait_for_consumers keeps trying while connections are refused, then sees one."""
+    name = f"awaited-{secrets.token_hex(4)}"
+    connection = await connect(amqp_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(name)
+    fault_proxy.refuse()
+
+    waiting = asyncio.create_task(
+        wait_for_consumers(
+            fault_proxy.url_for(amqp_url), [name], lambda queue: 1, within=30
+        )
+    )
+    try:
+        await asyncio.sleep(1.5)
+        assert not waiting.done()
+        assert fault_proxy.connections_accepted >= 2
+
+        fault_proxy.pass_through()
+        await queue.consume(ack_it)
+        await asyncio.wait_for(waiting, 15)
+    finally:
+        waiting.cancel()
+        await queue.delete(if_unused=False, if_empty=False)
+        await connection.close()
+
+
+async def ack_it(delivered: AbstractIncomingMessage) -> None:
+    await delivered.ack()
+
+
+async def test_wait_for_consumers_gives_up_with_what_it_saw(amqp_url: str) -> None:
+    """Without a consumer, wait_for_consumers fails naming the counts it saw."""
+    with pytest.raises(HarnessError, match=r"within 0.5s: consumers \{'nobody_"):
+        await wait_for_consumers(
+            amqp_url, ["nobody_consumes_this"], lambda queue: 1, within=0.5
+        )
 
 
 def test_gateway_is_ready_killed_and_restarted(gateway: ServiceProcess) -> None:

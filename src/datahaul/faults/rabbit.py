@@ -44,6 +44,12 @@ TOPOLOGY_EXCHANGES = (
     topology.EVENT_EXCHANGE,
     topology.STATUS_EXCHANGE,
 )
+BROKER_UNREACHABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
 VHOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
@@ -210,26 +216,56 @@ async def wait_for_consumers(
 ) -> None:
     """Return once every queue has at least at_least(queue) consumers.
 
-    Polls over one connection. Stops early, with HarnessError, when
+    Polls over one connection, opened again whenever the broker drops it, so
+    that a worker started while RabbitMQ restarts is waited for as well.
+    Raises HarnessError after `within` seconds, or as soon as
     still_worth_waiting() turns false (say, the consumer's process died).
     """
     wanted = list(queues)
     deadline = time.monotonic() + within
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        while True:
-            counts = {q: await _consumers_or_zero(connection, q) for q in wanted}
-            needed = {q: at_least(q) for q in wanted}
-            if all(counts[q] >= needed[q] for q in wanted):
-                return
-            if not still_worth_waiting():
-                raise HarnessError(f"gave up waiting for consumers on {counts}")
-            if time.monotonic() > deadline:
-                raise HarnessError(
-                    f"queues did not reach the consumers wanted ({needed}) within "
-                    f"{within:g}s: {counts}"
+    while True:
+        try:
+            connection = await aio_pika.connect(amqp_url, timeout=5)
+            async with connection:
+                await _poll_consumers(
+                    connection,
+                    wanted,
+                    at_least,
+                    (deadline, within),
+                    still_worth_waiting,
                 )
-            await asyncio.sleep(0.1)
+                return
+        except BROKER_UNREACHABLE as exc:
+            seen = f"RabbitMQ unreachable ({exc or type(exc).__name__})"
+        _keep_waiting(seen, (deadline, within), still_worth_waiting)
+        await asyncio.sleep(0.5)
+
+
+async def _poll_consumers(
+    connection: aio_pika.abc.AbstractConnection,
+    wanted: list[str],
+    at_least: Callable[[str], int],
+    limit: tuple[float, float],
+    still_worth_waiting: Callable[[], bool],
+) -> None:
+    while True:
+        counts = {q: await _consumers_or_zero(connection, q) for q in wanted}
+        needed = {q: at_least(q) for q in wanted}
+        if all(counts[q] >= needed[q] for q in wanted):
+            return
+        seen = f"consumers {counts}, wanted {needed}"
+        _keep_waiting(seen, limit, still_worth_waiting)
+        await asyncio.sleep(0.1)
+
+
+def _keep_waiting(
+    seen: str, limit: tuple[float, float], still_worth_waiting: Callable[[], bool]
+) -> None:
+    deadline, within = limit
+    if not still_worth_waiting():
+        raise HarnessError(f"gave up waiting for consumers: {seen}")
+    if time.monotonic() > deadline:
+        raise HarnessError(f"no consumers as wanted within {within:g}s: {seen}")
 
 
 async def reset_topology(amqp_url: str) -> None:
