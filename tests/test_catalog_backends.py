@@ -87,8 +87,8 @@ def stage(catalog: Catalog, *packets: Packet) -> tuple[list[tuple[int, str]], se
     items = [
         (p, None if len(p.data) <= INLINE_LIMIT else f"{p.seq:08d}-x") for p in packets
     ]
-    outcomes, complete = catalog.stage(items, INLINE_LIMIT)
-    return [(o.packet.seq, o.status) for o in outcomes], complete
+    result = catalog.stage(items, INLINE_LIMIT)
+    return [(o.packet.seq, o.status) for o in result.outcomes], result.complete
 
 
 def stage_whole(catalog: Catalog, file_id: str, total: int = 2, **fields: Any) -> None:
@@ -337,7 +337,7 @@ def test_unsent_events_are_found_until_marked_sent(catalog: Catalog) -> None:
     assert catalog.finish(record, "worker-a", state=STORED)
 
     assert [r.file_id for r in catalog.events_unsent(time.time() + 1)] == ["f"]
-    catalog.mark_event_sent("f")
+    catalog.mark_events_sent(["f"])
     assert catalog.events_unsent(time.time() + 1) == []
 
 
@@ -384,3 +384,32 @@ def test_migrate_command_names_an_unreachable_database() -> None:
     assert result.returncode == 4
     assert "postgres:***@127.0.0.1:1/nothing" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_small_text_files_are_stored_in_the_staging_transaction(
+    catalog: Catalog,
+) -> None:
+    """A small text file completed by a batch is stored by that same
+    transaction, verified, with no lease and no chunk rows left."""
+    text = [
+        Packet(type="text", file_id="quick", seq=s, total_seq=2, data=b"ab" * s)
+        for s in (1, 2)
+    ]
+    result = catalog.stage([(p, None) for p in text], INLINE_LIMIT, 1024)
+
+    assert result.complete == set()
+    [record] = result.finished
+    assert (record.state, record.size) == ("stored", 6)
+    assert catalog.text("quick") == b"ababab"
+    assert catalog.received_seqs("quick") == []
+
+
+def test_a_small_text_file_with_the_wrong_digest_fails(catalog: Catalog) -> None:
+    """The in-transaction store checks the sender's SHA-256 like any other."""
+    packet = Packet(
+        type="text", file_id="liar", seq=1, total_seq=1, data=b"x", file_sha256="0" * 64
+    )
+    result = catalog.stage([(packet, None)], INLINE_LIMIT, 1024)
+
+    assert result.finished[0].state == "failed"
+    assert catalog.text("liar") is None

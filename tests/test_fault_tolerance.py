@@ -323,8 +323,9 @@ async def test_an_incomplete_file_expires_and_a_late_packet_starts_it_over(
 
 async def _wait_chunks(env: dict[str, str], file_id: str, count: int) -> None:
     catalog = Catalog.open(env["DATAHAUL_CATALOG_URL"])
+    deadline = time.monotonic() + 120.0
     try:
-        for _ in range(300):
+        while time.monotonic() < deadline:
             record = catalog.get(file_id)
             if record is not None and record.received >= count:
                 return
@@ -334,17 +335,20 @@ async def _wait_chunks(env: dict[str, str], file_id: str, count: int) -> None:
     raise AssertionError(f"{file_id} never had {count} chunks staged")
 
 
-async def _wait_state(env: dict[str, str], file_id: str, state: str) -> None:
+async def _wait_state(
+    env: dict[str, str], file_id: str, state: str, timeout: float = 180.0
+) -> None:
     catalog = Catalog.open(env["DATAHAUL_CATALOG_URL"])
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(1200):
+        while time.monotonic() < deadline:
             record = catalog.get(file_id)
             if record is not None and record.state == state:
                 return
             await asyncio.sleep(0.02)
     finally:
         catalog.close()
-    raise AssertionError(f"{file_id} never reached {state}")
+    raise AssertionError(f"{file_id} never reached {state} in {timeout:g}s")
 
 
 async def _publish_and_collect_dead(amqp_url: str, bodies: list[bytes]) -> list[str]:

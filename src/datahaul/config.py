@@ -29,6 +29,7 @@ class Settings:
     max_chunk_bytes: int = 16 * MiB
     inline_chunk_bytes: int = 64 * 1024
     max_text_bytes: int = 64 * MiB
+    inline_text_bytes: int = 1 * MiB
     bundle_bytes: int = 256 * 1024
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080

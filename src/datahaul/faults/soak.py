@@ -159,10 +159,14 @@ class Soak:
                 self._env(),
                 logs,
                 name=f"worker-{index + 1}",
-                consumers_expected=lambda queue: 1,
+                consumers_expected=self._running_workers,
             )
-            worker.start().wait_ready()
             self.workers.append(worker)
+            worker.start().wait_ready()
+
+    def _running_workers(self, queue: str) -> int:
+        """Consumers each queue shows once every running worker is up."""
+        return sum(1 for worker in self.workers if worker.is_running)
 
     def _stop_services(self) -> None:
         for process in [*self.workers, *([self.gateway] if self.gateway else [])]:

@@ -7,10 +7,11 @@ worker can pick up any file where another left it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -22,6 +23,8 @@ log = structlog.get_logger("datahaul.catalog")
 
 # Any constant will do, as long as nothing else in the database uses it.
 MIGRATION_LOCK = 0x64617461686C
+
+TEXT_LOCATION = "catalog:texts/"
 
 RECEIVING = "receiving"
 ASSEMBLING = "assembling"
@@ -126,6 +129,24 @@ class StageOutcome:
     reason: str = ""
 
 
+@dataclass
+class StageResult:
+    """What one staging transaction did."""
+
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    complete: set[str] = field(default_factory=set)
+    finished: list[FileRecord] = field(default_factory=list)
+
+
+def integrity_error(actual_sha256: str, expected_sha256: str | None) -> str | None:
+    """Why an assembled file is not what its sender announced, if it is not."""
+    if expected_sha256 is None or expected_sha256 == actual_sha256:
+        return None
+    return (
+        f"assembled SHA-256 {actual_sha256} differs from the sender's {expected_sha256}"
+    )
+
+
 class Catalog:
     def __init__(self, database: Database) -> None:
         self.db = database
@@ -170,23 +191,78 @@ class Catalog:
         return applied
 
     def stage(
-        self, staged: Sequence[tuple[Packet, str | None]], inline_limit: int
-    ) -> tuple[list[StageOutcome], set[str]]:
-        """Record chunks in one transaction; return outcomes and complete files.
+        self,
+        staged: Sequence[tuple[Packet, str | None]],
+        inline_limit: int,
+        finish_text_up_to: int = 0,
+    ) -> StageResult:
+        """Record chunks in one transaction; say what each packet did.
 
         Each item is a packet and the name its payload was staged under in
         the staging store (None when it is small enough to keep inline).
+        Text files that complete here, all inline and no larger than
+        `finish_text_up_to`, are stored in the same transaction: no lease,
+        no second commit, which is what makes small files cheap and fast.
         """
-        outcomes: list[StageOutcome] = []
-        complete: set[str] = set()
+        result = StageResult()
         now = time.time()
         with self.db.transaction() as txn:
             for packet, staged_name in staged:
                 outcome = self._stage_one(txn, packet, staged_name, inline_limit, now)
-                outcomes.append(outcome)
+                result.outcomes.append(outcome)
                 if outcome.status == "staged" and outcome.reason == "complete":
-                    complete.add(packet.file_id)
-        return outcomes, complete
+                    result.complete.add(packet.file_id)
+            for file_id in sorted(result.complete):
+                record = self._finish_small_text(txn, file_id, finish_text_up_to, now)
+                if record is not None:
+                    result.finished.append(record)
+                    result.complete.discard(file_id)
+        return result
+
+    def _finish_small_text(
+        self, txn: Transaction, file_id: str, limit: int, now: float
+    ) -> FileRecord | None:
+        row = txn.execute(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE file_id = ?", (file_id,)
+        ).fetchone()
+        assert row is not None
+        record = _record(row)
+        if record.type != "text" or record.received_bytes > limit:
+            return None
+        chunks = txn.execute(
+            "SELECT inline_data, staged_name FROM chunks WHERE file_id = ? "
+            "ORDER BY seq",
+            (file_id,),
+        ).fetchall()
+        if any(name is not None for _, name in chunks):
+            return None
+
+        content = b"".join(bytes(data) for data, _ in chunks)
+        record.sha256 = hashlib.sha256(content).hexdigest()
+        record.size = len(content)
+        record.error = integrity_error(record.sha256, record.expected_sha256)
+        record.state = FAILED if record.error else STORED
+        record.location = None if record.error else TEXT_LOCATION + file_id
+        record.stored_at = None if record.error else now
+        record.updated_at = now
+        txn.execute(
+            "UPDATE files SET state = ?, size = ?, sha256 = ?, location = ?, "
+            "error = ?, stored_at = ?, updated_at = ? WHERE file_id = ?",
+            (
+                record.state,
+                record.size,
+                record.sha256,
+                record.location,
+                record.error,
+                record.stored_at,
+                now,
+                file_id,
+            ),
+        )
+        if not record.error:
+            self._store_text(txn, record, content, record.sha256, now)
+        txn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+        return record
 
     def _stage_one(
         self,
@@ -387,9 +463,12 @@ class Catalog:
             ),
         )
 
-    def mark_event_sent(self, file_id: str) -> None:
+    def mark_events_sent(self, file_ids: Sequence[str]) -> None:
         with self.db.transaction() as txn:
-            txn.execute("UPDATE files SET event_sent = 1 WHERE file_id = ?", (file_id,))
+            txn.executemany(
+                "UPDATE files SET event_sent = 1 WHERE file_id = ?",
+                [(file_id,) for file_id in file_ids],
+            )
 
     def get(self, file_id: str) -> FileRecord | None:
         rows = self.db.query(

@@ -28,15 +28,17 @@ from datahaul.storage.catalog import (
     FAILED,
     RECEIVING,
     STORED,
+    TEXT_LOCATION,
     Catalog,
     FileRecord,
     StagedChunk,
     StageOutcome,
+    StageResult,
+    integrity_error,
 )
 
 log = structlog.get_logger("datahaul.worker")
 
-TEXT_LOCATION = "catalog:texts/"
 UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -64,11 +66,11 @@ class Assembler:
         self.blobs = blobs
         self.owner = owner
 
-    def stage(self, packets: Sequence[Packet]) -> tuple[list[StageOutcome], set[str]]:
+    def stage(self, packets: Sequence[Packet]) -> StageResult:
         """Make packets durable: large payloads to staging, then the catalog.
 
-        Returns each packet's outcome, in order, and the files that became
-        complete.
+        Returns each packet's outcome, in order, the small text files stored
+        on the way, and the files that became complete and need finalizing.
         """
         finished = self._finished_files(packets)
         segments: dict[str, list[Packet]] = {}
@@ -97,16 +99,17 @@ class Assembler:
         # The catalog row is what makes a chunk count, so the staged bytes
         # must be durable before it commits.
         self.staging.sync(keys)
-        recorded, complete = self.catalog.stage(
-            staged, self.settings.inline_chunk_bytes
+        result = self.catalog.stage(
+            staged, self.settings.inline_chunk_bytes, self.settings.inline_text_bytes
         )
-        outcomes = iter(recorded)
-        return [
+        recorded = iter(result.outcomes)
+        result.outcomes = [
             StageOutcome(p, "duplicate", "file is finished")
             if p.file_id in finished
-            else next(outcomes)
+            else next(recorded)
             for p in packets
-        ], complete
+        ]
+        return result
 
     def _finished_files(self, packets: Sequence[Packet]) -> set[str]:
         """Files past receiving: a late duplicate's bytes would only be litter."""
@@ -136,12 +139,9 @@ class Assembler:
         except IntegrityError as exc:
             state, location, text, error = FAILED, None, None, str(exc)
         sha256 = hasher.hexdigest()
-        if state == STORED and record.expected_sha256 not in (None, sha256):
-            state, location, text = FAILED, None, None
-            error = (
-                f"assembled SHA-256 {sha256} differs from the sender's "
-                f"{record.expected_sha256}"
-            )
+        mismatch = integrity_error(sha256, record.expected_sha256)
+        if state == STORED and mismatch:
+            state, location, text, error = FAILED, None, None, mismatch
 
         finished = self.catalog.finish(
             record,

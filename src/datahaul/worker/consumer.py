@@ -34,7 +34,7 @@ from datahaul.protocol.packet import Packet
 from datahaul.storage.blobs import open_store
 from datahaul.storage.catalog import Catalog, FileRecord
 from datahaul.storage.sql import DATABASE_FAILURES
-from datahaul.worker.assembler import Assembler
+from datahaul.worker.assembler import Assembler, Finalized
 
 log = structlog.get_logger("datahaul.worker")
 
@@ -65,6 +65,7 @@ class BatchResult:
     poison: dict[int, str] = field(default_factory=dict)
     conflicts: dict[int, list[tuple[Packet, str]]] = field(default_factory=dict)
     complete: set[str] = field(default_factory=set)
+    finished: list[FileRecord] = field(default_factory=list)
     packets: int = 0
     duplicates: int = 0
 
@@ -203,6 +204,9 @@ class Worker:
         self.stats["duplicates"] += result.duplicates
         for file_id in result.complete:
             self.schedule_finalize(file_id)
+        if result.finished:
+            self.stats["stored"] += len(result.finished)
+            await self._announce(result.finished)
 
     def _stage(self, batch: list[Delivery]) -> BatchResult:
         result = BatchResult()
@@ -225,9 +229,12 @@ class Worker:
             packets.extend(decoded)
             owners.extend([index] * len(decoded))
 
-        outcomes, result.complete = self.assembler.stage(packets)
-        metrics.WORKER.record_staged(outcomes)
-        for owner, outcome in zip(owners, outcomes, strict=True):
+        staged = self.assembler.stage(packets)
+        result.complete, result.finished = staged.complete, staged.finished
+        metrics.WORKER.record_staged(staged.outcomes)
+        for record in staged.finished:
+            metrics.WORKER.record_finalized(Finalized(record, record.state, 0.0))
+        for owner, outcome in zip(owners, staged.outcomes, strict=True):
             if outcome.status == "conflict":
                 result.conflicts.setdefault(owner, []).append(
                     (outcome.packet, outcome.reason)
@@ -273,34 +280,46 @@ class Worker:
                 packets=done.record.total_seq,
                 seconds=round(done.duration, 3),
             )
-        await self._announce(done.record)
+        await self._announce([done.record])
 
-    async def _announce(self, record: FileRecord) -> None:
+    async def _announce(self, records: Sequence[FileRecord]) -> None:
         """Tell other center systems; the sweeper retries what fails here."""
         exchange = self._events
         if exchange is None:
             return
-        event = file_event(record)
+        results = await asyncio.gather(
+            *(self._publish_event(exchange, record) for record in records),
+            return_exceptions=True,
+        )
+        sent = []
+        for record, outcome in zip(records, results, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning(
+                    "event.publish_failed", file_id=record.file_id, error=repr(outcome)
+                )
+                metrics.WORKER.error("event_publish_failed")
+            else:
+                sent.append(record.file_id)
+        if sent:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                self._final_pool, self.catalog.mark_events_sent, sent
+            )
+
+    async def _publish_event(
+        self, exchange: AbstractExchange, record: FileRecord
+    ) -> None:
         message = aio_pika.Message(
-            msgspec.json.encode(event),
+            msgspec.json.encode(file_event(record)),
             content_type=wire.JSON_CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=f"{record.file_id}:{record.state}",
         )
-        try:
-            await exchange.publish(
-                message,
-                f"file.{record.state}.{record.type}",
-                mandatory=False,
-                timeout=self.settings.confirm_timeout,
-            )
-        except DEAD_LETTER_FAILURES as exc:
-            log.warning("event.publish_failed", file_id=record.file_id, error=repr(exc))
-            metrics.WORKER.error("event_publish_failed")
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._final_pool, self.catalog.mark_event_sent, record.file_id
+        await exchange.publish(
+            message,
+            f"file.{record.state}.{record.type}",
+            mandatory=False,
+            timeout=self.settings.confirm_timeout,
         )
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -390,8 +409,8 @@ class Worker:
         unsent = await loop.run_in_executor(
             self._stage_pool, self.catalog.events_unsent, now - 30.0
         )
-        for record in unsent:
-            await self._announce(record)
+        if unsent:
+            await self._announce(unsent)
 
         await loop.run_in_executor(self._stage_pool, self.assembler.sweep_staging)
 
