@@ -18,8 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from datahaul.center.errors import ApiError
 from datahaul.storage.blobs import READ_BLOCK, BlobStore, FilesystemStore
-from datahaul.storage.catalog import Catalog, FileRecord
-from datahaul.worker.assembler import TEXT_LOCATION
+from datahaul.storage.catalog import TEXT_LOCATION, Catalog, FileRecord
 
 TEXT_TYPE = "text/plain; charset=utf-8"
 FALLBACK_TYPE = "application/octet-stream"
