@@ -446,7 +446,13 @@ class RabbitCluster:
                     f"{node.console_tail()}"
                 )
             time.sleep(0.2)
-        self.ctl(node, "await_startup", "--timeout", str(int(BOOT_TIMEOUT)))
+        try:
+            self.ctl(node, "await_startup", "--timeout", str(int(BOOT_TIMEOUT)))
+        except HarnessError as exc:
+            raise HarnessError(
+                f"RabbitMQ node {node.nodename} did not finish booting ({exc}); "
+                f"its console ({node.log_path}):\n{node.console_tail()}"
+            ) from None
 
     def _join(self, node: ClusterNode) -> None:
         self.ctl(node, "stop_app")
