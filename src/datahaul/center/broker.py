@@ -17,7 +17,13 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from datahaul.broker import topology
 from datahaul.broker.connection import BROKER_FAILURES, NodeRing, wait_closed
-from datahaul.center.reports import BINDING, ReportBook, declare_status_exchange
+from datahaul.center.reports import (
+    BINDING,
+    ReportBook,
+    close_quietly,
+    declare_status_exchange,
+    raise_if_cancelled,
+)
 from datahaul.config import Settings
 from datahaul.errors import BrokerError
 
@@ -62,21 +68,25 @@ class BrokerWatch:
                 connection = await self.ring.connect()
             except BrokerError as exc:
                 self._down(str(exc))
+                raise_if_cancelled()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
 
             delay = 0.2
             try:
-                async with connection:
-                    channel = await self._listen(connection)
-                    self._connection = connection
-                    self.link_up, self.last_error = True, None
-                    log.info("center.broker_up")
-                    await wait_closed(connection, channel)
+                raise_if_cancelled()
+                channel = await self._listen(connection)
+                self._connection = connection
+                self.link_up, self.last_error = True, None
+                log.info("center.broker_up")
+                await wait_closed(connection, channel)
             except BROKER_FAILURES as exc:
                 self._down(repr(exc))
+            finally:
+                await close_quietly(connection)
             self._down(self.last_error or "connection closed")
+            raise_if_cancelled()
             await asyncio.sleep(delay)
 
     async def _listen(self, connection: AbstractConnection) -> AbstractChannel:
@@ -116,7 +126,7 @@ class BrokerWatch:
         if connection is None or connection.is_closed:
             return QueueDepth(name, None, None, "unknown")
         if self._inspect is None or self._inspect.is_closed:
-            self._inspect = await connection.channel()
+            self._inspect = await asyncio.wait_for(connection.channel(), ASK_TIMEOUT)
         try:
             queue = await self._inspect.declare_queue(
                 name, passive=True, timeout=ASK_TIMEOUT

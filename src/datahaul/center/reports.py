@@ -31,6 +31,7 @@ from datahaul.errors import BrokerError
 log = structlog.get_logger("datahaul.reports")
 
 REPORT_INTERVAL = 2.0
+CLOSE_TIMEOUT = 2.0
 STALE_AFTER = 3 * REPORT_INTERVAL + 0.5
 FORGET_AFTER = 3600.0
 ROUTING_PREFIX = "gateway."
@@ -81,18 +82,26 @@ class StatusReporter:
                 connection = await self.ring.connect()
             except BrokerError as exc:
                 log.debug("status.unreachable", error=str(exc))
+                raise_if_cancelled()
                 await asyncio.sleep(self.interval)
                 continue
             try:
-                async with connection:
-                    await self._publish_while_open(connection)
+                raise_if_cancelled()
+                await self._publish_while_open(connection)
             except BROKER_FAILURES as exc:
                 log.debug("status.link_lost", error=repr(exc))
+            finally:
+                await close_quietly(connection)
+            raise_if_cancelled()
             await asyncio.sleep(self.interval)
 
     async def _publish_while_open(self, connection: AbstractConnection) -> None:
-        channel = await connection.channel(publisher_confirms=False)
-        exchange: AbstractExchange = await declare_status_exchange(channel)
+        channel = await asyncio.wait_for(
+            connection.channel(publisher_confirms=False), CLOSE_TIMEOUT
+        )
+        exchange: AbstractExchange = await asyncio.wait_for(
+            declare_status_exchange(channel), CLOSE_TIMEOUT
+        )
         while not channel.is_closed:
             message = aio_pika.Message(
                 self.report(),
@@ -108,6 +117,25 @@ class StatusReporter:
             )
             self.sent += 1
             await asyncio.sleep(self.interval)
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancel that a driver call swallowed or turned into an error.
+
+    asyncio.wait_for, which the AMQP client uses inside, can lose a cancel
+    that lands as its call completes; without this check a loop that should
+    stop would reconnect and run on, and its owner would wait for it forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def close_quietly(connection: AbstractConnection) -> None:
+    """Close a connection, giving up after a moment: a broker that is going
+    down may never answer the close, and a shutdown must not wait for it."""
+    with contextlib.suppress(*BROKER_FAILURES):
+        await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
 
 
 @dataclass

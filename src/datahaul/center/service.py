@@ -25,6 +25,7 @@ log = structlog.get_logger("datahaul.center")
 
 T = TypeVar("T")
 CONTENT_READERS = 4
+STOP_TIMEOUT = 5.0
 
 
 class Center:
@@ -66,7 +67,9 @@ class Center:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # A broker going down can swallow a cancel; never wait on it forever.
+            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
         if self._catalog is not None:
             # The connection belongs to the catalog thread; close it there.
             with contextlib.suppress(Exception):
