@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from datahaul.cli.common import ExitCode, fail
-from datahaul.cli.services import AMQP_URL, CATALOG_URL, DATA_DIR
+from datahaul.cli.services import AMQP_URL, CATALOG_URL, DATA_DIR, joined_urls
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 
@@ -33,7 +33,7 @@ def center(
         envvar="DATAHAUL_CENTER_HOST",
         help="Address [default 127.0.0.1]",
     ),
-    amqp_url: str | None = AMQP_URL,
+    amqp_url: list[str] | None = AMQP_URL,
     data_dir: Path | None = DATA_DIR,
     catalog_url: str | None = CATALOG_URL,
     blob_url: str | None = BLOB_URL,
@@ -43,7 +43,7 @@ def center(
 
     try:
         settings = Settings.load(
-            amqp_url=amqp_url,
+            amqp_url=joined_urls(amqp_url),
             data_dir=data_dir,
             catalog_url=catalog_url,
             blob_url=blob_url,

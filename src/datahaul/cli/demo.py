@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from datahaul.cli.common import ExitCode, fail
-from datahaul.cli.services import AMQP_URL, DATA_DIR
+from datahaul.cli.services import AMQP_URL, DATA_DIR, joined_urls
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 
@@ -22,14 +22,14 @@ def register(app: typer.Typer) -> None:
 def demo(
     port: int = typer.Option(8080, "--port", help="Gateway port (another if busy)."),
     workers: int = typer.Option(2, "--workers", help="Worker processes to start."),
-    amqp_url: str | None = AMQP_URL,
+    amqp_url: list[str] | None = AMQP_URL,
     data_dir: Path | None = DATA_DIR,
 ) -> None:
     """Start a gateway and workers, send sample files, show where they landed."""
     from datahaul.demo import free_port, run_demo
 
     console = Console(width=max(Console().width, 160))
-    settings = Settings.load(amqp_url=amqp_url, data_dir=data_dir)
+    settings = Settings.load(amqp_url=joined_urls(amqp_url), data_dir=data_dir)
     port = free_port(port)
     console.print(
         f"datahaul demo: gateway on http://127.0.0.1:{port}, {workers} "

@@ -21,8 +21,10 @@ from datahaul.worker.consumer import Worker
 AMQP_URL = typer.Option(
     None,
     "--amqp-url",
-    help="Broker URL(s), comma-separated "
-    "[env DATAHAUL_AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/]",
+    metavar="URL",
+    help="Broker URL; repeat the flag, or separate URLs by commas, for the "
+    "nodes of a cluster [env DATAHAUL_AMQP_URL; default "
+    "amqp://guest:guest@127.0.0.1:5672/]",
 )
 DATA_DIR = typer.Option(
     None,
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
 def gateway(
     port: int | None = typer.Option(None, "--port", help="Port [default 8080]"),
     host: str | None = typer.Option(None, "--host", help="Address [default 127.0.0.1]"),
-    amqp_url: str | None = AMQP_URL,
+    amqp_url: list[str] | None = AMQP_URL,
     data_dir: Path | None = DATA_DIR,
     queue_type: str | None = QUEUE_TYPE,
 ) -> None:
@@ -56,7 +58,7 @@ def gateway(
     from datahaul.gateway.app import run
 
     settings = _settings(
-        amqp_url=amqp_url,
+        amqp_url=joined_urls(amqp_url),
         data_dir=data_dir,
         queue_type=queue_type,
         gateway_port=port,
@@ -67,7 +69,7 @@ def gateway(
 
 def worker(
     type: str = typer.Option("all", "--type", help="text, image, video or all"),
-    amqp_url: str | None = AMQP_URL,
+    amqp_url: list[str] | None = AMQP_URL,
     data_dir: Path | None = DATA_DIR,
     catalog_url: str | None = CATALOG_URL,
     queue_type: str | None = QUEUE_TYPE,
@@ -88,7 +90,7 @@ def worker(
             ExitCode.USAGE,
         )
     settings = _settings(
-        amqp_url=amqp_url,
+        amqp_url=joined_urls(amqp_url),
         data_dir=data_dir,
         catalog_url=catalog_url,
         queue_type=queue_type,
@@ -111,11 +113,11 @@ async def _run_until_signalled(worker: Worker) -> None:
 
 
 def declare_topology(
-    amqp_url: str | None = AMQP_URL,
+    amqp_url: list[str] | None = AMQP_URL,
     queue_type: str | None = QUEUE_TYPE,
 ) -> None:
     """Declare the exchanges and queues (safe to run again at any time)."""
-    settings = _settings(amqp_url=amqp_url, queue_type=queue_type)
+    settings = _settings(amqp_url=joined_urls(amqp_url), queue_type=queue_type)
 
     async def declare() -> None:
         connection = await NodeRing(settings.amqp_urls, "datahaul-topology").connect()
@@ -147,6 +149,11 @@ def _serve_metrics(host: str, port: int) -> None:
             "choose another --metrics-port",
             ExitCode.UNAVAILABLE,
         ) from None
+
+
+def joined_urls(urls: list[str] | None) -> str | None:
+    """Repeated --amqp-url flags as the comma-separated list Settings takes."""
+    return ",".join(urls) if urls else None
 
 
 def _settings(**overrides: object) -> Settings:
