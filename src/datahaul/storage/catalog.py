@@ -206,17 +206,25 @@ class Catalog:
         """
         result = StageResult()
         now = time.time()
+        by_file: dict[str, list[int]] = {}
+        for index, (packet, _) in enumerate(staged):
+            by_file.setdefault(packet.file_id, []).append(index)
+        outcomes: list[StageOutcome | None] = [None] * len(staged)
         with self.db.transaction() as txn:
-            for packet, staged_name in staged:
-                outcome = self._stage_one(txn, packet, staged_name, inline_limit, now)
-                result.outcomes.append(outcome)
-                if outcome.status == "staged" and outcome.reason == "complete":
-                    result.complete.add(packet.file_id)
+            for file_id, indexes in by_file.items():
+                done, complete = self._stage_file(
+                    txn, [staged[i] for i in indexes], inline_limit, now
+                )
+                for index, outcome in zip(indexes, done, strict=True):
+                    outcomes[index] = outcome
+                if complete:
+                    result.complete.add(file_id)
             for file_id in sorted(result.complete):
                 record = self._finish_small_text(txn, file_id, finish_text_up_to, now)
                 if record is not None:
                     result.finished.append(record)
                     result.complete.discard(file_id)
+        result.outcomes = [outcome for outcome in outcomes if outcome is not None]
         return result
 
     def _finish_small_text(
@@ -264,16 +272,49 @@ class Catalog:
         txn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
         return record
 
-    def _stage_one(
+    def _stage_file(
+        self,
+        txn: Transaction,
+        packets: Sequence[tuple[Packet, str | None]],
+        inline_limit: int,
+        now: float,
+    ) -> tuple[list[StageOutcome], bool]:
+        """Stage one file's packets of a batch; say whether the file is complete.
+
+        The file row is read once and updated once per batch, not per packet.
+        """
+        kind, total_seq, state = self._file_row_for(txn, packets[0][0], now)
+        outcomes: list[StageOutcome] = []
+        added, added_bytes = 0, 0
+        for packet, staged_name in packets:
+            outcome = self._stage_chunk(
+                txn, packet, staged_name, (kind, total_seq, state), inline_limit
+            )
+            outcomes.append(outcome)
+            if outcome.status == "staged":
+                added += 1
+                added_bytes += len(packet.data)
+        if not added:
+            return outcomes, False
+
+        received = txn.execute(
+            "UPDATE files SET received = received + ?, "
+            "received_bytes = received_bytes + ?, updated_at = ? "
+            "WHERE file_id = ? RETURNING received",
+            (added, added_bytes, now, packets[0][0].file_id),
+        ).fetchone()
+        assert received is not None
+        return outcomes, received[0] == total_seq
+
+    def _stage_chunk(
         self,
         txn: Transaction,
         packet: Packet,
         staged_name: str | None,
+        shape: tuple[str, int, str],
         inline_limit: int,
-        now: float,
     ) -> StageOutcome:
-        row = self._file_row_for(txn, packet, now)
-        kind, total_seq, state = row
+        kind, total_seq, state = shape
         if kind != packet.type:
             return StageOutcome(
                 packet,
@@ -299,16 +340,7 @@ class Catalog:
         ).rowcount
         if inserted != 1:
             return StageOutcome(packet, "duplicate", "chunk already staged")
-
-        received = txn.execute(
-            "UPDATE files SET received = received + 1, "
-            "received_bytes = received_bytes + ?, updated_at = ? "
-            "WHERE file_id = ? RETURNING received",
-            (len(packet.data), now, packet.file_id),
-        ).fetchone()
-        assert received is not None
-        done = "complete" if received[0] == total_seq else ""
-        return StageOutcome(packet, "staged", done)
+        return StageOutcome(packet, "staged")
 
     def _file_row_for(
         self, txn: Transaction, packet: Packet, now: float
