@@ -44,10 +44,14 @@ function percent(part, whole) {
 }
 
 function bar(fraction, label, extra = "") {
-  return el("div", { class: `bar ${extra}` }, [
-    el("div", { style: `width: ${fraction.toFixed(1)}%` }),
+  return el("div", { class: `meter ${extra}` }, [
+    el("div", { class: "bar" }, [el("div", { style: `width: ${fraction.toFixed(1)}%` })]),
     el("span", { text: label }),
   ]);
+}
+
+function plural(count, word) {
+  return `${count} ${word}${count === 1 ? "" : "s"}`;
 }
 
 function fileCell(file) {
@@ -133,7 +137,7 @@ function drawGateways(live) {
 function drawCards(live) {
   const through = live.throughput;
   document.getElementById("throughput").textContent = `${bytes(through.bytes_per_second)}/s`;
-  document.getElementById("stored-minute").textContent = `${through.files} files`;
+  document.getElementById("stored-minute").textContent = plural(through.files, "file");
   document.getElementById("stored-total").textContent =
     `${bytes(through.bytes)} in the last 60 s · ${live.states.stored || 0} stored in all`;
 
