@@ -159,6 +159,8 @@ class _FileSend:
 
 # Files up to this size are sent whole without asking what the gateway has.
 RESUME_CHECK_BYTES = 64 * 1024
+# Chunks from this size on are read and hashed off the event loop.
+THREADED_READ_BYTES = 64 * 1024
 
 
 class _Refused(Exception):
@@ -276,7 +278,7 @@ class Sender:
         """Send one file from disk, resuming whatever the gateway already has."""
         path = Path(path)
         data_type = check_type(type) if type else infer_type(path.name)
-        source = await asyncio.to_thread(_open, path)
+        source = _open(path)
         try:
             return await self._send(
                 source,
@@ -440,7 +442,11 @@ class Sender:
     ) -> _FileSend:
         if file_id is not None:
             check_file_id(file_id)
-        sha256 = await asyncio.to_thread(sha256_of, source)
+        sha256 = (
+            sha256_of(source)
+            if source.size < THREADED_READ_BYTES
+            else await asyncio.to_thread(sha256_of, source)
+        )
         state = _FileSend(
             source=label,
             file_id=file_id or file_id_from_sha256(sha256),
@@ -551,7 +557,13 @@ class Sender:
         self, state: _FileSend, source: ChunkSource, seq: int
     ) -> Packet:
         offset, length = state.plan.offset(seq), state.plan.length(seq)
-        data, digest = await asyncio.to_thread(_read_and_hash, source, offset, length)
+        if length < THREADED_READ_BYTES:
+            # A small read from the page cache costs less than a thread hop.
+            data, digest = _read_and_hash(source, offset, length)
+        else:
+            data, digest = await asyncio.to_thread(
+                _read_and_hash, source, offset, length
+            )
         return state.packet(seq, data, digest)
 
     async def _put(self, state: _FileSend, packet: Packet) -> None:
