@@ -39,7 +39,7 @@ class Settings:
     confirm_timeout: float = 10.0
     outbox_quota_bytes: int = 2048 * MiB
     ledger_files: int = 10_000
-    prefetch: int = 64
+    prefetch: int = 32
     batch_packets: int = 256
     lease_seconds: float = 30.0
     expire_after: float = 24 * 3600.0
