@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from playwright.sync_api import Page, sync_playwright
 
 from conftest import PROCESSES, missing_service
 from datahaul.faults.processes import (
@@ -61,15 +62,14 @@ def center(
 
 
 @pytest.fixture
-def browser_page(tmp_path: Path) -> Iterator[object]:
+def browser_page(tmp_path: Path) -> Iterator[Page]:
     """A page in headless chromium with a fresh profile, closed afterwards."""
     if not os.path.exists(CHROMIUM):
         missing_service(
             f"{CHROMIUM} is missing; install it with "
             "`apt-get install -y chromium chromium-driver`"
         )
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"),
             executable_path=CHROMIUM,
