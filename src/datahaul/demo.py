@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +61,19 @@ class DemoRow:
 class Services:
     """The gateway and worker processes the demo starts and always stops."""
 
-    def __init__(self, settings: Settings, port: int, workers: int) -> None:
+    def __init__(
+        self, settings: Settings, port: int, workers: int, center_port: int
+    ) -> None:
         self.settings = settings
         self.port = port
+        self.center_port = center_port
         self.workers = workers
         self.logs = settings.data_dir / "demo-logs"
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self._spawn("center", ["center", "--port", str(self.center_port)])
         self._spawn("gateway", ["gateway", "--port", str(self.port)])
         for index in range(self.workers):
             self._spawn(f"worker-{index + 1}", ["worker", "--type", "all"])
@@ -93,20 +97,20 @@ class Services:
         log.close()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        url = f"http://127.0.0.1:{self.port}/healthz"
+        gateway = f"http://127.0.0.1:{self.port}/healthz"
+        center = f"http://127.0.0.1:{self.center_port}/v1/live"
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 self._check_alive()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(url) as answer:
-                        if (
-                            answer.status == 200
-                            and (await answer.json())["broker"] == "up"
-                        ):
-                            return
+                if await _answers(session, gateway, broker="up") and await _answers(
+                    session, center
+                ):
+                    return
                 await asyncio.sleep(0.2)
-        raise DatahaulError(f"the gateway did not become ready; see {self.logs}")
+        raise DatahaulError(
+            f"the gateway or the center did not become ready; see {self.logs}"
+        )
 
     def _check_alive(self) -> None:
         for process in self.processes:
@@ -128,11 +132,29 @@ class Services:
                 process.wait()
 
 
-async def run_demo(settings: Settings, port: int, workers: int) -> list[DemoRow]:
-    """Start everything, send the samples, wait for them to be stored."""
+async def _answers(session: aiohttp.ClientSession, url: str, **expected: str) -> bool:
+    """Whether url answers 200 with a JSON body holding the expected values."""
+    with contextlib.suppress(aiohttp.ClientError, ValueError):
+        async with session.get(url) as answer:
+            if answer.status != 200:
+                return False
+            body = await answer.json()
+            return all(body.get(key) == value for key, value in expected.items())
+    return False
+
+
+async def run_demo(
+    settings: Settings,
+    port: int,
+    workers: int,
+    center_port: int,
+    stay: Callable[[list[DemoRow]], Awaitable[None]] | None = None,
+) -> list[DemoRow]:
+    """Start everything, send the samples, wait for them to be stored; then,
+    if `stay` is given, keep everything running until it returns."""
     await _check_broker(settings)
     rows = [DemoRow(path, _sha256(path)) for path in make_samples(settings.data_dir)]
-    services = Services(settings, port, workers)
+    services = Services(settings, port, workers, center_port)
     services.start()
     try:
         await services.wait_ready()
@@ -145,6 +167,8 @@ async def run_demo(settings: Settings, port: int, workers: int) -> list[DemoRow]
                     raise result
                 row.sent = result
             await events.collect(rows, timeout=120.0)
+        if stay is not None:
+            await stay(rows)
     finally:
         services.stop()
     return rows

@@ -8,6 +8,10 @@ DatahaulError
  +-- StorageError         the catalog or a blob store failed
  |    +-- IntegrityError  stored bytes do not match their checksum
  +-- OutboxFull           the gateway's outbox reached its disk quota
+
+Two more live beside the code that raises them: ApiError (center/errors.py,
+an HTTP refusal of the center API) and HarnessError (faults/, a fault
+injection step that could not be carried out).
 """
 
 from __future__ import annotations

@@ -100,7 +100,9 @@ class Assembler:
         # must be durable before it commits.
         self.staging.sync(keys)
         result = self.catalog.stage(
-            staged, self.settings.inline_chunk_bytes, self.settings.inline_text_bytes
+            staged,
+            self.settings.inline_chunk_bytes,
+            min(self.settings.inline_text_bytes, self.settings.max_text_bytes),
         )
         recorded = iter(result.outcomes)
         result.outcomes = [
