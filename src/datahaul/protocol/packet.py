@@ -49,22 +49,6 @@ class Packet(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         return {k: v for k, v in fields.items() if v is not None}
 
 
-class NotePacket(msgspec.Struct):
-    """The design note's JSON body, published straight to a queue by others."""
-
-    file_id: str
-    seq: int
-    total_seq: int
-    data: bytes
-    type: DataType | None = None
-    file_name: str | None = None
-    content_type: str | None = None
-    device_id: str | None = None
-    chunk_sha256: str | None = None
-    file_sha256: str | None = None
-    metadata: dict[str, Any] | None = None
-
-
 def check(packet: Packet, max_chunk_bytes: int) -> Packet:
     """Raise PacketError naming the first field that breaks the protocol."""
     if not FILE_ID_PATTERN.match(packet.file_id):

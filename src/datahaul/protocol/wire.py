@@ -22,11 +22,9 @@ import msgspec
 from datahaul.errors import PacketError
 from datahaul.protocol.packet import (
     OPTIONAL_TEXT_FIELDS,
-    NotePacket,
     Packet,
     check,
     convert,
-    shape_error,
 )
 
 HEADER_PREFIX = "dh-"
@@ -136,14 +134,13 @@ def _decode_bundle(body: bytes) -> list[Packet]:
 
 def _from_note(body: bytes, queue_type: str) -> Packet:
     try:
-        note = msgspec.json.decode(body, type=NotePacket)
-    except msgspec.ValidationError as exc:
-        raise shape_error(exc, None) from None
+        values = msgspec.json.decode(body)
     except msgspec.DecodeError:
         raise PacketError(
             "$", "message is neither a datahaul packet nor a JSON packet body"
         ) from None
-    fields = msgspec.structs.asdict(note)
-    if fields["type"] is None:
-        fields["type"] = queue_type
-    return Packet(**fields)
+    if not isinstance(values, dict):
+        raise PacketError("$", "a JSON packet body must be an object")
+    if values.get("type") is None:
+        values["type"] = queue_type
+    return convert(values)
