@@ -102,8 +102,8 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--timeout",
         type=float,
-        default=900.0,
-        help="seconds one pipeline transfer may take",
+        default=300.0,
+        help="seconds one pipeline transfer may take (default 300)",
     )
     cli.add_argument(
         "--work-dir",

@@ -20,10 +20,10 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiohttp
@@ -37,6 +37,7 @@ from bench.registry import BenchmarkError, Figure, RunContext, SourceFile, bench
 from bench.units import MB, flag_name, mb_per_s, size_name
 
 log = structlog.get_logger("datahaul.bench")
+T = TypeVar("T")
 
 DATAHAUL = str(Path(sys.executable).with_name("datahaul"))
 EVENT_EXCHANGE = "datahaul.events"
@@ -192,15 +193,14 @@ async def timed_send(
     try:
         with meter.measure():
             started = time.perf_counter()
-            output = await run_sender(source.path, chunk, gateway_url, env, context)
-            sent = time.perf_counter()
-            file_id = file_id_from(output)
-            arrived, event = await events.wait_for(file_id, context.options.timeout)
+            file_id, sent, arrived, event = await unless_broken(
+                send_and_wait(context, source, chunk, gateway_url, env, events, worker),
+                events,
+                [gateway, worker],
+            )
         high_water = {name: tree_high_water(p) for name, p in watched.items()}
     finally:
         peaks = sampler.stop()
-    gateway.check_alive()
-    worker.check_alive()
     return TransferRun(
         file_id,
         sent - started,
@@ -210,6 +210,51 @@ async def timed_send(
         high_water,
         meter.cores(),
     )
+
+
+async def send_and_wait(
+    context: RunContext,
+    source: SourceFile,
+    chunk: int,
+    gateway_url: str,
+    env: dict[str, str],
+    events: StoredEvents,
+    worker: Service,
+) -> tuple[str, float, float, dict[str, Any]]:
+    """Run the sender, then wait for its file's event: id and the two instants."""
+    output = await run_sender(source.path, chunk, gateway_url, env, context)
+    sent = time.perf_counter()
+    file_id = file_id_from(output)
+    try:
+        arrived, event = await events.wait_for(file_id, context.options.timeout)
+    except BenchmarkError as exc:
+        raise BenchmarkError(
+            f"{exc}; the worker's log ends:\n{worker.tail()}"
+        ) from None
+    return file_id, sent, arrived, event
+
+
+async def unless_broken(
+    transfer: Coroutine[Any, Any, T], events: StoredEvents, services: list[Service]
+) -> T:
+    """Run the transfer, abandoned at once if a service dies or the broker goes.
+
+    Either makes the figure meaningless, and waiting out the timeout would
+    only hide what happened.
+    """
+    work = asyncio.ensure_future(transfer)
+    while not work.done():
+        await asyncio.wait({work}, timeout=0.5)
+        broken = [s for s in services if s.process.returncode is not None]
+        if work.done() or not (broken or events.lost):
+            continue
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        for service in broken:
+            service.check_alive()
+        raise BenchmarkError(f"{events.lost} (was RabbitMQ restarted?)")
+    return work.result()
 
 
 async def run_sender(
@@ -229,11 +274,13 @@ async def run_sender(
     try:
         out, err = await asyncio.wait_for(sender.communicate(), context.options.timeout)
     except TimeoutError:
-        sender.kill()
-        await sender.wait()
         raise BenchmarkError(
             f"datahaul send did not finish within {context.options.timeout:g} s"
         ) from None
+    finally:
+        if sender.returncode is None:
+            sender.kill()
+            await sender.wait()
     if sender.returncode != 0:
         raise BenchmarkError(
             f"`{' '.join(command)}` exited with code {sender.returncode}: "

@@ -192,6 +192,31 @@ def test_sigterm_removes_the_vhost_and_stops_the_services(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_worker_dying_mid_run_fails_the_part_at_once(tmp_path: Path) -> None:
+    """Killing the worker ends the pipeline part with its exit code, no figure."""
+    saved = tmp_path / "figures.json"
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--parts", "pipeline", "--size", "512M",
+         "--chunk-sizes", "256K", "--json", str(saved), "--work-dir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        services = wait_for_services(harness.pid, timeout=120)
+        worker = next(s for s in services if "worker" in " ".join(s.cmdline()))
+        worker.kill()
+        output, _ = harness.communicate(timeout=90)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+
+    assert harness.returncode == 1
+    assert "datahaul worker exited with code -9" in output
+    record = json.loads(saved.read_text())
+    assert record["figures"] == []
+    assert "pipeline" in record["failures"]
+
+
 def wait_for_services(pid: int, timeout: float) -> list[psutil.Process]:
     """The harness's gateway and worker processes, once both have started."""
     deadline = time.monotonic() + timeout
