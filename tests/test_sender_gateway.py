@@ -242,7 +242,10 @@ async def test_a_resend_moves_only_what_the_gateway_lacks(
         resumed = await sender.send_file(video, chunk_size=80_000)
         again = await sender.send_file(video, chunk_size=80_000)
 
-    assert (resumed.packets_skipped, resumed.packets_sent) == (received, 40 - received)
+    # A request cancelled on the client may still finish on the gateway after
+    # the status was read, so the resume may find one or two more packets.
+    assert received <= resumed.packets_skipped < 40
+    assert resumed.packets_sent == 40 - resumed.packets_skipped
     assert (again.packets_skipped, again.packets_sent) == (40, 0)
     whole = _file_status(gateway, file_id)
     assert whole is not None
