@@ -128,6 +128,11 @@ class Worker:
                     await asyncio.wait(
                         [drain, closed], return_when=asyncio.FIRST_COMPLETED
                     )
+                    if drain.done() and not drain.cancelled() and drain.exception():
+                        # Unacked deliveries go back to the queue; the broker's
+                        # delivery limit stops a packet that crashes us each time.
+                        log.error("worker.batch_crashed", error=repr(drain.exception()))
+                        metrics.WORKER.error("batch_crashed")
                     for task in (drain, closed):
                         task.cancel()
                     await asyncio.gather(drain, closed, return_exceptions=True)
