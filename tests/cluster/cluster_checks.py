@@ -4,13 +4,14 @@ end-to-end check that each file is stored exactly once and byte-identical."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import random
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ import aio_pika
 from datahaul.broker import topology
 from datahaul.config import Settings
 from datahaul.faults.rabbit import queue_stats
-from datahaul.sender import Sender, SendResult
+from datahaul.sender import Sender, SendResult, file_id_from_sha256
 from datahaul.storage.catalog import Catalog
 
 KiB = 1024
@@ -44,13 +45,18 @@ class Source:
     size: int
 
 
-def make_sources(folder: Path, count: int, seed: int) -> list[Source]:
+def make_sources(
+    folder: Path,
+    count: int,
+    seed: int,
+    mix: Sequence[tuple[str, int, int]] = MIX,
+) -> list[Source]:
     """count files of mixed types and sizes, each with content of its own."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     sources = []
     for index in range(count):
-        data_type, smallest, largest = MIX[index % len(MIX)]
+        data_type, smallest, largest = mix[index % len(mix)]
         size = rng.randint(smallest, largest)
         content = rng.randbytes(size)
         if data_type == "text":
@@ -121,32 +127,33 @@ class Robots:
                 self._progress.notify_all()
 
 
-def assert_stored_once(
-    catalog_url: str,
-    sources: Sequence[Source],
-    results: Sequence[SendResult],
-    staging: Path,
-) -> None:
-    """Every source stored once (one row, state stored), byte-identical, and
-    nothing of it left in staging."""
-    assert len(results) == len(sources)
+def sent_files(
+    sources: Sequence[Source], results: Sequence[SendResult]
+) -> dict[str, Source]:
+    """Each sent file's id and its source, matched by content."""
     by_sha = {source.sha256: source for source in sources}
-    assert {r.sha256 for r in results} == set(by_sha)
-    file_ids = [result.file_id for result in results]
+    assert len(results) == len(sources)
+    assert {result.sha256 for result in results} == set(by_sha)
+    return {result.file_id: by_sha[result.sha256] for result in results}
 
+
+def assert_stored_once(
+    catalog_url: str, files: Mapping[str, Source], staging: Path
+) -> None:
+    """Every file stored once (one row, state stored), byte-identical, and
+    nothing of it left in staging."""
+    file_ids = list(files)
     catalog = Catalog.open(catalog_url)
     try:
         _wait_final(catalog, file_ids)
-        for result in results:
-            source = by_sha[result.sha256]
+        for file_id, source in files.items():
             rows = catalog.db.query(
-                "SELECT state, sha256, size FROM files WHERE file_id = ?",
-                (result.file_id,),
+                "SELECT state, sha256, size FROM files WHERE file_id = ?", (file_id,)
             )
             assert [tuple(row) for row in rows] == [
                 ("stored", source.sha256, source.size)
-            ], f"{source.path.name} ({result.file_id})"
-            stored = _stored_bytes(catalog, result.file_id)
+            ], f"{source.path.name} ({file_id})"
+            stored = _stored_bytes(catalog, file_id)
             assert hashlib.sha256(stored).hexdigest() == source.sha256
         _wait_unstaged(catalog, file_ids, staging)
     finally:
@@ -196,6 +203,60 @@ def _wait_unstaged(catalog: Catalog, file_ids: Sequence[str], staging: Path) -> 
                 f"{chunk_rows} chunk rows and staged folders {folders} left over"
             )
         time.sleep(0.5)
+
+
+def packet_count(source: Source) -> int:
+    return max(1, -(-source.size // CHUNK_SIZE))
+
+
+def post_packets(gateway_url: str, source: Source, seqs: Iterable[int]) -> None:
+    """Send some packets of a source as JSON, the way a robot without the
+    sender would; fail unless the gateway takes them all."""
+    content = source.path.read_bytes()
+    total = packet_count(source)
+    packets = []
+    for seq in seqs:
+        data = content[(seq - 1) * CHUNK_SIZE : seq * CHUNK_SIZE]
+        packets.append(
+            {
+                "type": source.type,
+                "file_id": file_id_from_sha256(source.sha256),
+                "seq": seq,
+                "total_seq": total,
+                "data": base64.b64encode(data).decode(),
+                "file_name": source.path.name,
+                "chunk_sha256": hashlib.sha256(data).hexdigest(),
+                "file_sha256": source.sha256,
+            }
+        )
+    request = urllib.request.Request(
+        f"{gateway_url}/v1/packets",
+        data=json.dumps(packets).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert 200 <= answer.status < 300, answer.status
+
+
+def wait_received(catalog_url: str, expected: Mapping[str, int]) -> None:
+    """Wait until the catalog has recorded this many packets of each file."""
+    catalog = Catalog.open(catalog_url)
+    deadline = time.monotonic() + 60.0
+    try:
+        while True:
+            received = {
+                file_id: record.received if record else 0
+                for file_id in expected
+                for record in [catalog.get(file_id)]
+            }
+            if received == dict(expected):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"received {received}, expected {expected}")
+            time.sleep(0.2)
+    finally:
+        catalog.close()
 
 
 def gateway_health(gateway_url: str) -> dict[str, object]:

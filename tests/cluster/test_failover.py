@@ -15,6 +15,7 @@ from cluster_checks import (
     dead_letters,
     gateway_health,
     make_sources,
+    sent_files,
     wait_outbox_empty,
 )
 
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.timeout(240)
 FILES_PER_ROBOT = 6
 ROBOTS = 2
 PROCESS_NODE = 1
+# Seconds; aiormq gives up on a silent peer after (heartbeat + 1) x 3.
+HEARTBEAT = 4
 
 
 def wait_for(
@@ -73,7 +76,9 @@ async def test_files_arrive_once_when_the_queue_leader_stops(
     assert robots.files_done_at_fault < robots.total
     new_leader = cluster.wait_for_leader("video_data_queue", not_on=leader)
     assert new_leader.is_running
-    assert_stored_once(fresh_pg_url, sources, results, shared_store / "staging")
+    assert_stored_once(
+        fresh_pg_url, sent_files(sources, results), shared_store / "staging"
+    )
     print("HEALTH", wait_outbox_empty(gateway.url or ""))
     assert await dead_letters(new_leader.url()) == 0
 
@@ -117,13 +122,15 @@ async def test_gateway_and_worker_move_when_their_node_stops_and_returns(
 
     wait_for(moved("datahaul-gateway"), "gateway reconnected elsewhere")
     wait_for(moved("datahaul-worker"), "worker reconnected elsewhere")
-    assert_stored_once(fresh_pg_url, first, results, shared_store / "staging")
+    assert_stored_once(
+        fresh_pg_url, sent_files(first, results), shared_store / "staging"
+    )
 
     await asyncio.to_thread(cluster.start_node, their_node)
     after = make_sources(tmp_path / "after", 4, seed=3)
     later = await Robots(gateway.url or "", [after]).run()
 
-    assert_stored_once(fresh_pg_url, after, later, shared_store / "staging")
+    assert_stored_once(fresh_pg_url, sent_files(after, later), shared_store / "staging")
     print("HEALTH", wait_outbox_empty(gateway.url or ""))
     assert await dead_letters(cluster.first.url()) == 0
 
@@ -164,7 +171,9 @@ async def test_gateway_leaves_a_node_that_hangs(
 
     results = await robots.run(fault=hang_then_recover, after=3)
 
-    assert_stored_once(fresh_pg_url, sources, results, shared_store / "staging")
+    assert_stored_once(
+        fresh_pg_url, sent_files(sources, results), shared_store / "staging"
+    )
     health = wait_outbox_empty(gateway.url or "")
     assert health["broker"] == "up"
     assert await dead_letters(cluster.first.url()) == 0
@@ -182,3 +191,58 @@ def wait_buffered_and_relinked(gateway_url: str, within: float = 60.0) -> None:
         time.sleep(0.2)
         health = gateway_health(gateway_url)
     raise AssertionError(f"gateway did not buffer and relink in {within:g}s: {health}")
+
+
+async def test_worker_with_a_short_heartbeat_leaves_a_node_that_hangs(
+    whole_cluster: RabbitCluster,
+    gateway_factory: Callable[..., ServiceProcess],
+    worker_factory: Callable[..., ServiceProcess],
+    host_dirs: HostDirs,
+    fresh_pg_url: str,
+    shared_store: Path,
+    tmp_path: Path,
+) -> None:
+    """The only worker, on a node that hangs, notices by its AMQP heartbeat
+    (heartbeat=4 in its URLs), moves to another node, and no file is lost."""
+    cluster = whole_cluster
+    hanging = cluster.nodes[PROCESS_NODE]
+    gateway = gateway_factory(
+        env={"DATAHAUL_AMQP_URL": cluster.amqp_url(first=cluster.nodes[2])}
+    )
+    urls = [f"{url}?heartbeat={HEARTBEAT}" for url in cluster.urls(first=hanging)]
+    worker = worker_factory(
+        "all", env={**host_dirs.env(), "DATAHAUL_AMQP_URL": ",".join(urls)}
+    )
+    assert connected_node(cluster, "datahaul-worker") is hanging
+
+    sources = make_sources(tmp_path / "robot", FILES_PER_ROBOT * ROBOTS, seed=6)
+    robots = Robots(gateway.url or "", [sources[i::ROBOTS] for i in range(ROBOTS)])
+
+    async def hang_until_the_worker_moves() -> None:
+        cluster.freeze_node(hanging)
+        try:
+            await asyncio.to_thread(wait_log_count, worker, "worker.consuming", 2)
+        finally:
+            cluster.thaw_node(hanging)
+
+    results = await robots.run(fault=hang_until_the_worker_moves, after=3)
+
+    assert_stored_once(
+        fresh_pg_url, sent_files(sources, results), shared_store / "staging"
+    )
+    wait_outbox_empty(gateway.url or "")
+    assert await dead_letters(cluster.first.url()) == 0
+
+
+def wait_log_count(
+    process: ServiceProcess, event: str, count: int, within: float = 60.0
+) -> None:
+    """Wait until the process has logged event at least count times."""
+    deadline = time.monotonic() + within
+    while process.log_path.read_text().count(event) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{process.name} logged {event} fewer than {count} times in "
+                f"{within:g}s:\n{process.log_tail()}"
+            )
+        time.sleep(0.2)

@@ -8,21 +8,29 @@ from pathlib import Path
 
 import pytest
 from cluster_checks import (
+    MIX,
     HostDirs,
     Robots,
     assert_stored_once,
     dead_letters,
     make_sources,
+    packet_count,
+    post_packets,
+    sent_files,
     wait_outbox_empty,
+    wait_received,
 )
 
 from datahaul.faults.cluster import RabbitCluster
 from datahaul.faults.processes import ServiceProcess
+from datahaul.sender import file_id_from_sha256
 
 pytestmark = pytest.mark.timeout(240)
 
+VIDEOS_ONLY = MIX[:1]
 
-async def test_workers_on_three_hosts_share_only_postgres_and_the_store(
+
+async def test_workers_on_several_hosts_share_only_postgres_and_the_store(
     whole_cluster: RabbitCluster,
     gateway_factory: Callable[..., ServiceProcess],
     worker_factory: Callable[..., ServiceProcess],
@@ -31,33 +39,44 @@ async def test_workers_on_three_hosts_share_only_postgres_and_the_store(
     shared_store: Path,
     tmp_path: Path,
 ) -> None:
-    """Workers with their own local directories, one killed mid-transfer and
-    replaced by a new host, store every file once and keep nothing locally."""
+    """Files half staged by a worker on one host, which then dies, are finished
+    by workers on other hosts (one of them killed mid-transfer and replaced);
+    every file is stored once and no host keeps anything on its own disk."""
     gateway = gateway_factory()
-    workers = [
-        worker_factory(
-            "all",
-            env={
-                **host_dirs.env(),
-                "DATAHAUL_AMQP_URL": whole_cluster.amqp_url(first=index),
-            },
-        )
-        for index in range(3)
-    ]
+    url = gateway.url or ""
+    first_host = worker_factory("all", env=host_dirs.env())
 
-    sources = make_sources(tmp_path / "robot", 15, seed=5)
-    robots = Robots(gateway.url or "", [sources[i::3] for i in range(3)])
+    begun = make_sources(tmp_path / "begun", 2, seed=7, mix=VIDEOS_ONLY)
+    halves = {source: packet_count(source) // 2 for source in begun}
+    for source, half in halves.items():
+        await asyncio.to_thread(post_packets, url, source, range(1, half + 1))
+    wait_received(
+        fresh_pg_url,
+        {file_id_from_sha256(s.sha256): half for s, half in halves.items()},
+    )
+    first_host.kill9()
+
+    others = [worker_factory("all", env=host_dirs.env()) for _ in range(2)]
+    for source, half in halves.items():
+        rest = range(half + 1, packet_count(source) + 1)
+        await asyncio.to_thread(post_packets, url, source, rest)
+
+    sources = make_sources(tmp_path / "robot", 12, seed=5)
+    robots = Robots(url, [sources[i::3] for i in range(3)])
 
     async def replace_a_host() -> None:
-        await asyncio.to_thread(workers[0].kill9)
+        await asyncio.to_thread(others[0].kill9)
         await asyncio.to_thread(worker_factory, "all", env=host_dirs.env())
 
-    results = await robots.run(fault=replace_a_host, after=5)
+    results = await robots.run(fault=replace_a_host, after=4)
 
-    assert_stored_once(fresh_pg_url, sources, results, shared_store / "staging")
-    wait_outbox_empty(gateway.url or "")
+    files = {
+        **sent_files(sources, results),
+        **{file_id_from_sha256(source.sha256): source for source in begun},
+    }
+    assert_stored_once(fresh_pg_url, files, shared_store / "staging")
+    wait_outbox_empty(url)
     assert await dead_letters(whole_cluster.first.url()) == 0
+    assert len(host_dirs.made) == 4
     for host in host_dirs.made:
         assert [p for p in host.rglob("*") if p.is_file()] == [], host
-    storing = [w for w in workers[1:] if "file.stored" in w.log_path.read_text()]
-    assert len(storing) >= 2, "the surviving hosts did not share the work"
