@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import typer
 
 from datahaul.cli import common
@@ -15,15 +18,32 @@ app = typer.Typer(
 )
 app.callback()(common.global_options)
 
+# Which module defines each command. Each module adds its commands to the app.
+COMMANDS = {
+    "gateway": "services",
+    "worker": "services",
+    "topology": "services",
+    "send": "send",
+    "files": "catalog",
+    "status": "catalog",
+    "center": "center",
+    "demo": "demo",
+    "migrate": "migrate",
+    "soak": "soak",
+}
 
-def _register_commands() -> None:
-    # Each command lives in its own module and adds itself to the app.
-    from datahaul.cli import catalog, center, demo, migrate, send, services, soak
 
-    for module in (services, send, catalog, center, demo, migrate, soak):
-        module.register(app)
+def _register_commands(argv: list[str]) -> None:
+    # A robot runs `datahaul send` often: loading only the module of the
+    # command asked for saves the second that importing every backend takes.
+    # Help, and anything unrecognised, loads them all.
+    asked = [arg for arg in argv[1:] if not arg.startswith("-")][:1]
+    wanted = {COMMANDS[asked[0]]} if asked and asked[0] in COMMANDS else None
+    for module in dict.fromkeys(COMMANDS.values()):
+        if wanted is None or module in wanted:
+            importlib.import_module(f"datahaul.cli.{module}").register(app)
 
 
 def main() -> None:
-    _register_commands()
+    _register_commands(sys.argv)
     app()
