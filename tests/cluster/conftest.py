@@ -1,8 +1,9 @@
 """Fixtures for tests against a real three-node RabbitMQ cluster on this machine.
 
-The cluster boots once per run (about half a minute) and is removed at the
-end; each test starts with every node running, datahaul's queues declared
-afresh through node 1 (so that node 1 leads them), a PostgreSQL database of
+The cluster boots once (about half a minute), for the first test here that
+needs it, and is removed after the last test of this folder. Each test
+starts with every node running, datahaul's queues declared afresh through
+node 1 (so that node 1 leads them), a PostgreSQL database of
 its own, and a shared directory that plays the blob and staging store of a
 center whose workers run on several hosts. The machine's own RabbitMQ on
 5672 is not used here.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -39,21 +40,45 @@ PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/"
 CONFIRM_TIMEOUT = "5"
 # Whom the processes try first: not node 1, which leads the queues.
 PROCESS_NODE = 1
+HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
-    """Three RabbitMQ nodes joined into one cluster, removed after the run."""
-    if (
-        shutil.which("rabbitmq-server") is None
-        and not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
-    ):
-        message = "rabbitmq-server is not installed; the cluster tests need it"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true, so this is a failure)", pytrace=False)
-        pytest.skip(message)
-    with RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster")) as started:
-        yield started
+class Booted:
+    """The run's cluster while tests of this folder run; None before and after."""
+
+    cluster: RabbitCluster | None = None
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> RabbitCluster:
+    """Three RabbitMQ nodes joined into one cluster, booted by the first test
+    that asks and removed after the last test of this folder, so that the
+    rest of the suite does not run beside three idle brokers."""
+    if Booted.cluster is None:
+        if (
+            shutil.which("rabbitmq-server") is None
+            and not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
+        ):
+            message = "rabbitmq-server is not installed; the cluster tests need it"
+            if IN_CI:
+                pytest.fail(f"{message} (CI=true, so this is a failure)", pytrace=False)
+            pytest.skip(message)
+        root = tmp_path_factory.mktemp("rabbit-cluster")
+        Booted.cluster = RabbitCluster(root).start()
+    return Booted.cluster
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    # After the test's own fixtures (its gateway and workers) are torn down.
+    result = yield
+    leaving = nextitem is None or Path(nextitem.path).parent != HERE
+    if leaving and Booted.cluster is not None:
+        Booted.cluster.close()
+        Booted.cluster = None
+    return result
 
 
 @pytest.fixture
