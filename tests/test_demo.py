@@ -36,3 +36,19 @@ def test_the_demo_stores_every_sample_and_verifies_it(amqp_url, tmp_path):
     assert demo.stdout.startswith("datahaul demo: dashboard on http://127.0.0.1:")
     assert "all 6 files stored and verified" in demo.stdout
     assert "NO" not in demo.stdout.split("sha256 matches")[1]
+
+
+def test_files_and_status_refuse_a_data_dir_without_a_catalog(tmp_path):
+    """Looking at a folder that holds no catalog is an error, and creates none."""
+    missing = tmp_path / "no-such-dir"
+    for command in (["files"], ["status", "some-id"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "datahaul", *command, "--data-dir", str(missing)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert run.returncode == 3, run.stderr
+        assert "no catalog at" in run.stderr
+    assert not missing.exists()

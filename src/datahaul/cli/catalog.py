@@ -16,6 +16,7 @@ from datahaul.cli.services import CATALOG_URL, DATA_DIR
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 from datahaul.storage.catalog import RECEIVING, Catalog, FileRecord, missing_ranges
+from datahaul.storage.sql import sqlite_path
 
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
@@ -100,10 +101,18 @@ def describe(catalog: Catalog, record: FileRecord) -> dict[str, Any]:
 
 
 def _open(data_dir: Path | None, catalog_url: str | None) -> Catalog:
+    """The catalog to read; an embedded one must already exist (a typo in
+    --data-dir should not quietly create an empty catalog)."""
     try:
-        return Catalog.open(
-            Settings.load(data_dir=data_dir, catalog_url=catalog_url).catalog_url
-        )
+        url = Settings.load(data_dir=data_dir, catalog_url=catalog_url).catalog_url
+        embedded = sqlite_path(url)
+        if embedded is not None and not embedded.exists():
+            raise fail(
+                f"no catalog at {embedded}; pass the --data-dir (or "
+                "DATAHAUL_CATALOG_URL) the workers use",
+                ExitCode.NOT_FOUND,
+            )
+        return Catalog.open(url)
     except DatahaulError as exc:
         raise fail(str(exc), ExitCode.UNAVAILABLE) from None
 

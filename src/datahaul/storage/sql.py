@@ -190,15 +190,22 @@ def open_database(url: str) -> Database:
     """The database a catalog URL names: sqlite:///path or postgresql://..."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
-        path = url.removeprefix("sqlite://")
-        if not path or path == "/":
+        path = sqlite_path(url)
+        if path is None:
             raise ConfigError(f"catalog URL {url!r} names no file; use sqlite:///PATH")
-        return SQLiteDatabase(url, Path(path))
+        return SQLiteDatabase(url, path)
     if scheme in ("postgresql", "postgres"):
         return PostgresDatabase(url)
     raise ConfigError(
         f"catalog URL {url!r} is neither sqlite:///PATH nor postgresql://..."
     )
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of sqlite:///relative or sqlite:////absolute; None if not SQLite."""
+    if not url.startswith("sqlite:///") or url in ("sqlite:///", "sqlite:////"):
+        return None
+    return Path(url.removeprefix("sqlite:///"))
 
 
 def _redact(url: str) -> str:
