@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import structlog
@@ -15,6 +16,7 @@ from datahaul.errors import BrokerError
 log = structlog.get_logger("datahaul.broker")
 
 CONNECT_TIMEOUT = 5.0
+DEFAULT_HEARTBEAT = 15
 BROKER_FAILURES: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -42,7 +44,7 @@ class NodeRing:
             url = self.urls[index]
             try:
                 connection = await aio_pika.connect(
-                    url,
+                    with_heartbeat(url),
                     timeout=CONNECT_TIMEOUT,
                     client_properties={"connection_name": self.name},
                 )
@@ -56,6 +58,17 @@ class NodeRing:
     def skip_current(self) -> None:
         """Start the next attempt at another node (the current one misbehaved)."""
         self._start = (self._start + 1) % len(self.urls)
+
+
+def with_heartbeat(url: str) -> str:
+    """The URL with a heartbeat, unless it names one: the broker's default of
+    60 s lets a client sit for minutes on a node that hangs."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    if any(key == "heartbeat" for key, _ in query):
+        return url
+    query.append(("heartbeat", str(DEFAULT_HEARTBEAT)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def redact(url: str) -> str:

@@ -163,6 +163,10 @@ class ConfirmingPublisher:
             closed = asyncio.create_task(wait_closed(connection, channel))
             dropped = asyncio.create_task(self._dropped.wait())
             await asyncio.wait([closed, dropped], return_when=asyncio.FIRST_COMPLETED)
+            if not dropped.done():
+                # Closed under us: the node may be gone, so try the others
+                # first (a stalled link already moved on in _drop_link).
+                self.ring.skip_current()
             for task in (closed, dropped):
                 task.cancel()
             self._set_link(False, self.last_error or "connection closed")

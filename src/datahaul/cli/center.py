@@ -15,7 +15,7 @@ BLOB_URL = typer.Option(
     None,
     "--blob-url",
     help="Where images and video are stored: file:///PATH or s3://BUCKET/PREFIX?... "
-    "[env DATAHAUL_BLOB_URL; default DATA_DIR/blobs]",
+    "(env DATAHAUL_BLOB_URL; default DATA_DIR/blobs)",
 )
 
 
@@ -25,13 +25,13 @@ def register(app: typer.Typer) -> None:
 
 def center(
     port: int = typer.Option(
-        8090, "--port", envvar="DATAHAUL_CENTER_PORT", help="Port [default 8090]"
+        8090, "--port", envvar="DATAHAUL_CENTER_PORT", help="Port (default 8090)"
     ),
     host: str = typer.Option(
         "127.0.0.1",
         "--host",
         envvar="DATAHAUL_CENTER_HOST",
-        help="Address [default 127.0.0.1]",
+        help="Address (default 127.0.0.1)",
     ),
     amqp_url: list[str] | None = AMQP_URL,
     data_dir: Path | None = DATA_DIR,

@@ -23,21 +23,21 @@ AMQP_URL = typer.Option(
     "--amqp-url",
     metavar="URL",
     help="Broker URL; repeat the flag, or separate URLs by commas, for the "
-    "nodes of a cluster [env DATAHAUL_AMQP_URL; default "
-    "amqp://guest:guest@127.0.0.1:5672/]",
+    "nodes of a cluster (env DATAHAUL_AMQP_URL; default "
+    "amqp://guest:guest@127.0.0.1:5672/)",
 )
 DATA_DIR = typer.Option(
     None,
     "--data-dir",
-    help="Local data [env DATAHAUL_DATA_DIR; default ./datahaul-data]",
+    help="Local data (env DATAHAUL_DATA_DIR; default ./datahaul-data)",
 )
 CATALOG_URL = typer.Option(
     None,
     "--catalog-url",
-    help="sqlite:///PATH or postgresql://... [env DATAHAUL_CATALOG_URL]",
+    help="sqlite:///PATH or postgresql://... (env DATAHAUL_CATALOG_URL)",
 )
 QUEUE_TYPE = typer.Option(
-    None, "--queue-type", help="quorum (default) or classic [env DATAHAUL_QUEUE_TYPE]"
+    None, "--queue-type", help="quorum (default) or classic (env DATAHAUL_QUEUE_TYPE)"
 )
 
 
@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
 
 
 def gateway(
-    port: int | None = typer.Option(None, "--port", help="Port [default 8080]"),
-    host: str | None = typer.Option(None, "--host", help="Address [default 127.0.0.1]"),
+    port: int | None = typer.Option(None, "--port", help="Port (default 8080)"),
+    host: str | None = typer.Option(None, "--host", help="Address (default 127.0.0.1)"),
     amqp_url: list[str] | None = AMQP_URL,
     data_dir: Path | None = DATA_DIR,
     queue_type: str | None = QUEUE_TYPE,
@@ -76,10 +76,10 @@ def worker(
     metrics_port: int | None = typer.Option(
         None,
         "--metrics-port",
-        help="Serve Prometheus /metrics on this port (0 picks one) [default off]",
+        help="Serve Prometheus /metrics on this port; 0 picks one (default off)",
     ),
     metrics_host: str = typer.Option(
-        "127.0.0.1", "--metrics-host", help="Address of /metrics [default 127.0.0.1]"
+        "127.0.0.1", "--metrics-host", help="Address of /metrics (default 127.0.0.1)"
     ),
 ) -> None:
     """Run a worker: consume packets, assemble files, store them."""

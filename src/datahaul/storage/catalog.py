@@ -211,7 +211,10 @@ class Catalog:
             by_file.setdefault(packet.file_id, []).append(index)
         outcomes: list[StageOutcome | None] = [None] * len(staged)
         with self.db.transaction() as txn:
-            for file_id, indexes in by_file.items():
+            # Rows are locked in (file_id, seq) order, the same in every
+            # worker, so two workers staging the same files cannot deadlock.
+            for file_id in sorted(by_file):
+                indexes = sorted(by_file[file_id], key=lambda i: staged[i][0].seq)
                 done, complete = self._stage_file(
                     txn, [staged[i] for i in indexes], inline_limit, now
                 )

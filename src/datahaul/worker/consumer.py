@@ -141,6 +141,8 @@ class Worker:
                 metrics.WORKER.error("broker_lost")
             finally:
                 self._events = self._dead = None
+            # The node may be gone or hung: try the others first.
+            self.ring.skip_current()
             log.warning("worker.disconnected", retry_in=delay)
             await asyncio.sleep(delay)
 
