@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -20,22 +21,24 @@ from pathlib import Path
 import structlog
 from rich.console import Console
 
-from bench import objstore, pipeline, rabbit
+from bench import objstore, outbox, packets, pipeline, rabbit
 from bench.procs import machine
 from bench.registry import REGISTRY, Options, RunContext, parts
-from bench.report import markdown, print_tables, write_doc
+from bench.report import MAIN_SECTION, markdown, print_tables, write_doc
 from bench.units import GiB, KiB, MiB, parse_size, parse_sizes, size_name
 from datahaul.cli.common import setup_logging
-from datahaul.errors import DatahaulError
+from datahaul.errors import ConfigError, DatahaulError
 
 log = structlog.get_logger("datahaul.bench")
 
 # The modules above register their parts when imported; naming them here
 # keeps the imports from looking unused and fixes the order parts run in.
-PART_MODULES = (rabbit, objstore, pipeline)
+PART_MODULES = (rabbit, objstore, pipeline, packets, outbox)
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_FILE = 64 * MiB
 FULL_FILE = 1 * GiB
+QUICK_OUTBOX = 32 * MiB
+FULL_OUTBOX = 256 * MiB
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,10 +83,45 @@ def parser() -> argparse.ArgumentParser:
         help="number of small messages (default 100000, quick 10000)",
     )
     cli.add_argument(
+        "--small-per-file",
+        type=int,
+        default=100,
+        help="small packets per text file in the small part (default 100: "
+        "100,000 packets in 1,000 files)",
+    )
+    cli.add_argument(
         "--publish-sizes",
         type=parse_sizes,
-        default=[KiB],
-        help="message sizes for the publish-alone ceiling (default 1K)",
+        help="message sizes for the publish-alone ceiling (default: the small "
+        "size and the outbox chunk size)",
+    )
+    cli.add_argument(
+        "--outbox-size",
+        type=parse_size,
+        help=f"bytes sent into the outbox (default {size_name(FULL_OUTBOX)}, "
+        f"quick {size_name(QUICK_OUTBOX)})",
+    )
+    cli.add_argument(
+        "--outbox-chunk-size",
+        type=parse_size,
+        default=256 * KiB,
+        help="packet size in the outbox part (default 256K)",
+    )
+    cli.add_argument(
+        "--latency-count",
+        type=int,
+        help="one-packet files in the burst that finds the highest rate "
+        "(default 2000, quick 500)",
+    )
+    cli.add_argument(
+        "--latency-seconds",
+        type=float,
+        help="how long files are sent at the steady rate (default 20, quick 5)",
+    )
+    cli.add_argument(
+        "--latency-rate",
+        type=float,
+        help="files per second for the latency (default: half the burst's rate)",
     )
     cli.add_argument(
         "--window",
@@ -124,6 +162,14 @@ def parser() -> argparse.ArgumentParser:
         help="write the tables into docs/benchmarks.md (or PATH)",
     )
     cli.add_argument(
+        "--doc-section",
+        default=MAIN_SECTION,
+        metavar="NAME",
+        help="which generated section --write-doc replaces (default "
+        f"{MAIN_SECTION}); another name adds a section of its own, e.g. for a "
+        "4 GiB memory run",
+    )
+    cli.add_argument(
         "--json", type=Path, metavar="PATH", help="also save the figures as JSON"
     )
     cli.add_argument("-v", "--verbose", action="store_true")
@@ -135,6 +181,8 @@ def main() -> None:
     setup_logging(args.verbose)
     try:
         chosen = chosen_parts(args.parts)
+        check_numbers(args)
+        check_section(args.doc_section)
     except DatahaulError as exc:
         sys.exit(f"error: {exc}")
 
@@ -170,16 +218,44 @@ def chosen_parts(text: str) -> list[str]:
     return names
 
 
+def check_section(name: str) -> None:
+    """A section name goes into HTML comments: letters, digits and '-' only."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise ConfigError(
+            f"--doc-section {name!r} may hold only lower-case letters, digits "
+            "and '-', e.g. memory-4g"
+        )
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts, durations and rates must be positive, or the parts make no sense."""
+    for name in (
+        "small_count",
+        "small_per_file",
+        "latency_count",
+        "latency_seconds",
+        "latency_rate",
+    ):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be more than zero, got {value}")
+
+
 def options_from(args: argparse.Namespace, work_dir: Path) -> Options:
     file_size = args.size or (QUICK_FILE if args.quick else FULL_FILE)
     small_count = args.small_count or (10_000 if args.quick else 100_000)
+    outbox_size = args.outbox_size or (QUICK_OUTBOX if args.quick else FULL_OUTBOX)
+    publish_sizes = args.publish_sizes or sorted(
+        {args.small_size, args.outbox_chunk_size}
+    )
     return Options(
         file_size=file_size,
         chunk_sizes=args.chunk_sizes,
         queue_type=args.queue_type,
         small_size=args.small_size,
         small_count=small_count,
-        publish_sizes=args.publish_sizes,
+        publish_sizes=publish_sizes,
         window=args.window,
         prefetch=args.prefetch,
         amqp_url=args.amqp_url,
@@ -187,6 +263,12 @@ def options_from(args: argparse.Namespace, work_dir: Path) -> Options:
         nats_chunk=args.nats_chunk,
         work_dir=work_dir,
         timeout=args.timeout,
+        small_per_file=args.small_per_file,
+        outbox_size=outbox_size,
+        outbox_chunk=args.outbox_chunk_size,
+        latency_count=args.latency_count or (500 if args.quick else 2000),
+        latency_seconds=args.latency_seconds or (5.0 if args.quick else 20.0),
+        latency_rate=args.latency_rate,
     )
 
 
@@ -266,7 +348,8 @@ def save(
 ) -> None:
     lines = header(context)
     if args.write_doc:
-        write_doc(args.write_doc, markdown(context.figures, lines, failures))
+        section = markdown(context.figures, lines, failures, args.doc_section)
+        write_doc(args.write_doc, section)
     if args.json:
         record = {
             "header": lines,

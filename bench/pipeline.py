@@ -15,12 +15,13 @@ import ctypes.util
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,6 +121,27 @@ class StoredEvents:
                 await asyncio.wait_for(self.changed.wait(), remaining)
         return self.arrivals[file_id]
 
+    async def wait_for_all(self, file_ids: set[str], within: float) -> float:
+        """When the last of `file_ids` was stored; an error naming what is missing."""
+        deadline = time.monotonic() + within
+        while missing := file_ids - self.arrivals.keys():
+            if self.lost:
+                raise BenchmarkError(
+                    f"{self.lost} (was RabbitMQ restarted?); the figure would not "
+                    "be a clean measurement"
+                )
+            self.changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                example = ", ".join(sorted(missing)[:3])
+                raise BenchmarkError(
+                    f"{len(missing)} of {len(file_ids)} files had no file.stored "
+                    f"event within {within:g} s (e.g. {example})"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return max(self.arrivals[file_id][0] for file_id in file_ids)
+
 
 @benchmark(
     "pipeline",
@@ -156,6 +178,8 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
             stored = await status_of(run.file_id, env)
 
     checked = verify(source, run.event, stored)
+    # Two stored copies of a 4 GiB source per chunk size would fill /tmp.
+    shutil.rmtree(data_dir, ignore_errors=True)
     return transfer_figures(options.queue_type, chunk, source, run, startup, checked)
 
 
@@ -437,18 +461,27 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def services(
-    env: dict[str, str], port: int, data_dir: Path
+    env: dict[str, str], port: int, data_dir: Path, worker_type: str = "video"
 ) -> AsyncIterator[tuple[Service, Service]]:
+    """A gateway on `port` and a worker of one data type, stopped afterwards."""
+    async with (
+        service("gateway", ["gateway", "--port", str(port)], env, data_dir) as gateway,
+        service("worker", ["worker", "--type", worker_type], env, data_dir) as worker,
+    ):
+        yield gateway, worker
+
+
+@contextlib.asynccontextmanager
+async def service(
+    name: str, args: list[str], env: dict[str, str], data_dir: Path
+) -> AsyncIterator[Service]:
+    """One datahaul process, stopped (SIGTERM, then SIGKILL) on the way out."""
     make_dir(data_dir)
-    gateway = await start("gateway", ["gateway", "--port", str(port)], env, data_dir)
+    started = await start(name, args, env, data_dir)
     try:
-        worker = await start("worker", ["worker", "--type", "video"], env, data_dir)
-        try:
-            yield gateway, worker
-        finally:
-            await stop(worker)
+        yield started
     finally:
-        await stop(gateway)
+        await stop(started)
 
 
 def make_dir(path: Path) -> None:
@@ -491,28 +524,42 @@ async def stop(service: Service) -> None:
 
 
 async def wait_ready(
-    gateway: Service, worker: Service, gateway_url: str, amqp_url: str
+    gateway: Service,
+    worker: Service,
+    gateway_url: str,
+    amqp_url: str,
+    queue: str = "video_data_queue",
 ) -> None:
-    """The gateway answers /healthz and the worker consumes the video queue."""
+    """The gateway answers /healthz and the worker consumes its queue."""
     deadline = time.monotonic() + READY_TIMEOUT
+    await wait_healthy(gateway, gateway_url, deadline, also=[worker])
+    while await consumers(amqp_url, queue) < 1:
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchmarkError(
+                f"the worker did not consume {queue} within "
+                f"{READY_TIMEOUT:g} s; its log:\n{worker.tail()}"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def wait_healthy(
+    gateway: Service,
+    gateway_url: str,
+    deadline: float,
+    also: Sequence[Service] = (),
+) -> None:
+    """Until the gateway answers /healthz with 200; any service dying ends it."""
     async with aiohttp.ClientSession() as session:
         while not await healthy(session, gateway_url):
-            gateway.check_alive()
-            worker.check_alive()
+            for watched in (gateway, *also):
+                watched.check_alive()
             if time.monotonic() > deadline:
                 raise BenchmarkError(
                     f"the gateway did not answer {gateway_url}/healthz within "
                     f"{READY_TIMEOUT:g} s; its log:\n{gateway.tail()}"
                 )
             await asyncio.sleep(0.2)
-    while await video_consumers(amqp_url) < 1:
-        worker.check_alive()
-        if time.monotonic() > deadline:
-            raise BenchmarkError(
-                f"the worker did not consume video_data_queue within "
-                f"{READY_TIMEOUT:g} s; its log:\n{worker.tail()}"
-            )
-        await asyncio.sleep(0.2)
 
 
 async def healthy(session: aiohttp.ClientSession, gateway_url: str) -> bool:
@@ -523,11 +570,12 @@ async def healthy(session: aiohttp.ClientSession, gateway_url: str) -> bool:
         return False
 
 
-async def video_consumers(amqp_url: str) -> int:
+async def consumers(amqp_url: str, queue_name: str) -> int:
+    """How many consumers the queue has; 0 while it does not exist yet."""
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue("video_data_queue", passive=True)
+        queue = await channel.declare_queue(queue_name, passive=True)
         return int(queue.declaration_result.consumer_count or 0)
     except aio_pika.exceptions.ChannelClosed:
         return 0
@@ -536,7 +584,9 @@ async def video_consumers(amqp_url: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def stored_events(amqp_url: str) -> AsyncIterator[StoredEvents]:
+async def stored_events(
+    amqp_url: str, routing_key: str = STORED_KEY
+) -> AsyncIterator[StoredEvents]:
     """Subscribe to file.stored events before anything is sent."""
     events = StoredEvents()
     connection = await aio_pika.connect(amqp_url)
@@ -547,7 +597,7 @@ async def stored_events(amqp_url: str) -> AsyncIterator[StoredEvents]:
             EVENT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key=STORED_KEY)
+        await queue.bind(exchange, routing_key=routing_key)
         await queue.consume(events.on_message)
         yield events
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from bench.units import MiB, size_name
+from bench.units import KiB, MiB, size_name
 from datahaul.errors import DatahaulError
 
 log = structlog.get_logger("datahaul.bench")
@@ -42,6 +42,12 @@ class Options:
     nats_chunk: int
     work_dir: Path
     timeout: float
+    small_per_file: int = 100
+    outbox_size: int = 256 * MiB
+    outbox_chunk: int = 256 * KiB
+    latency_count: int = 2000
+    latency_seconds: float = 20.0
+    latency_rate: float | None = None
 
 
 @dataclass(frozen=True)

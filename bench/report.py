@@ -11,6 +11,7 @@ from rich.table import Table
 
 from bench.registry import Figure
 
+MAIN_SECTION = "results"
 BEGIN = "<!-- bench:results:begin -->"
 END = "<!-- bench:results:end -->"
 
@@ -22,14 +23,21 @@ RATIO_TARGETS: list[tuple[str, str, float]] = [
     (r"^pipeline/video/(?P<queue>\w+)/(?P<size>\d+)$", "nats/putget", 3.0),
     (r"^pipeline/text/(?P<queue>\w+)/(?P<size>\d+)$", "bare/{queue}/{size}", 8.0),
     (
+        r"^outbox/accept/(?P<queue>\w+)/(?P<size>\d+)$",
+        "outbox/normal/{queue}/{size}",
+        0.8,
+    ),
+    (
         r"^outbox/drain/(?P<queue>\w+)/(?P<size>\d+)$",
         "bare-publish/{queue}/{size}",
         0.8,
     ),
 ]
-LIMIT_TARGETS: list[tuple[str, float]] = [
-    (r"^mem/worker/", 150.0),
-    (r"^mem/gateway/", 200.0),
+# A figure that must stay under a limit, in the figure's own unit.
+LIMIT_TARGETS: list[tuple[str, float, str]] = [
+    (r"^mem/worker/", 150.0, "MB"),
+    (r"^mem/gateway/", 200.0, "MB"),
+    (r"^latency/text/p99$", 100.0, "ms"),
 ]
 
 
@@ -59,15 +67,16 @@ def comparisons(figures: list[Figure]) -> list[Comparison]:
                         figure, ceiling, ratio, f">= {minimum:g}x", ratio >= minimum
                     )
                 )
-        for pattern, limit in LIMIT_TARGETS:
+        for pattern, limit, unit in LIMIT_TARGETS:
             if re.match(pattern, figure.key):
                 met = figure.value < limit
-                found.append(Comparison(figure, None, None, f"< {limit:g} MB", met))
+                found.append(Comparison(figure, None, None, f"< {limit:g} {unit}", met))
     return found
 
 
 def value_text(figure: Figure) -> str:
-    if figure.unit == "msg/s":
+    """Counts per second are whole numbers; MB, MB/s and ms keep a decimal."""
+    if figure.unit.endswith("/s") and figure.unit != "MB/s":
         return f"{figure.value:,.0f} {figure.unit}"
     return f"{figure.value:,.1f} {figure.unit}"
 
@@ -108,9 +117,21 @@ def comparison_cells(check: Comparison) -> list[str]:
     ]
 
 
-def markdown(figures: list[Figure], header: list[str], failures: dict[str, str]) -> str:
-    """The generated section of docs/benchmarks.md, between the markers."""
-    lines = [BEGIN, "", "## Latest run", "", *header]
+def markers(section: str) -> tuple[str, str]:
+    """The comments that enclose a generated section of the doc."""
+    return f"<!-- bench:{section}:begin -->", f"<!-- bench:{section}:end -->"
+
+
+def markdown(
+    figures: list[Figure],
+    header: list[str],
+    failures: dict[str, str],
+    section: str = MAIN_SECTION,
+) -> str:
+    """A generated section of docs/benchmarks.md, between its markers."""
+    begin, end = markers(section)
+    title = "Latest run" if section == MAIN_SECTION else f"Latest run: {section}"
+    lines = [begin, "", f"## {title}", "", *header]
     lines += [
         f"- Part `{name}` failed: {' '.join(error.split())}"
         for name, error in failures.items()
@@ -127,7 +148,7 @@ def markdown(figures: list[Figure], header: list[str], failures: dict[str, str])
             "|---|---:|---|---:|---|---|",
         ]
         lines += ["| " + " | ".join(comparison_cells(c)) + " |" for c in checks]
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -142,12 +163,21 @@ between the markers below.
 
 
 def write_doc(path: Path, section: str) -> None:
-    """Replace the generated section; everything outside the markers stays."""
+    """Replace the generated section; everything outside the markers stays.
+
+    A section that is not in the doc yet goes right after the main one, or
+    at the end when there is no main section either.
+    """
     text = path.read_text() if path.exists() else INTRO
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
+    begin = section.split("\n", 1)[0]
+    end = begin.replace(":begin -->", ":end -->")
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
+    elif END in text:
+        before, after = text.split(END, 1)
+        text = before + END + "\n\n" + section + after
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

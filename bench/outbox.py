@@ -1,0 +1,319 @@
+"""Store-and-forward: the gateway's accept rate with its broker link cut, and
+how fast its outbox drains once the link is back.
+
+One `datahaul gateway`, in a fresh vhost and data directory, reaches
+RabbitMQ through a FaultProxy (datahaul.faults.proxy) in this process. The
+real sender (bench.drive) sends one file of the outbox size while the link
+is up (the gateway's normal rate, every packet published), then another
+after the proxy reset the link and refuses new connections (every answer
+must be 202: the packets are in the outbox). Then the proxy lets the link
+through again and /healthz is polled until the outbox is empty. No worker
+runs, as no consumer runs under the bare publish ceiling; the queue must
+then hold every packet of both files, and is purged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import psutil
+import structlog
+
+from bench.drive import DriveRun, driver
+from bench.pipeline import (
+    READY_TIMEOUT,
+    Service,
+    free_port,
+    service,
+    wait_healthy,
+)
+from bench.procs import CpuMeter, PeakSampler, broker_process
+from bench.rabbit import fresh_vhost
+from bench.registry import (
+    BenchmarkError,
+    Figure,
+    RunContext,
+    benchmark,
+    write_random_file,
+)
+from bench.units import MB, flag_name, mb_per_s, size_name
+from datahaul.broker.topology import queue_for
+from datahaul.faults.proxy import FaultProxy
+
+log = structlog.get_logger("datahaul.bench")
+
+POLL_SECONDS = 0.02
+LINK_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Accepting:
+    """One file sent to the gateway: the sender's account and the cores busy."""
+
+    sent: DriveRun
+    cores: str
+
+    @property
+    def packets(self) -> int:
+        return self.sent.packets()
+
+    def rate(self) -> float:
+        """Packets per second between the first and the last 2xx.
+
+        The sender hashes the whole file before its first packet; that time
+        is the same with the link up or cut and is not the gateway's.
+        """
+        first, last = self.sent.answer_window()
+        if last <= first or self.packets < 2:
+            raise BenchmarkError(
+                "too few packets to time the gateway's answers; choose a larger "
+                "--outbox-size or a smaller --outbox-chunk-size"
+            )
+        return (self.packets - 1) / (last - first)
+
+
+@dataclass(frozen=True)
+class Drain:
+    packets: int
+    reconnect_seconds: float
+    drain_seconds: float
+    cores: str
+
+
+@benchmark(
+    "outbox",
+    "gateway with its broker link cut: accept rate into the outbox, then its drain",
+    order=70,
+)
+async def outbox(context: RunContext) -> list[Figure]:
+    options = context.options
+    size = options.outbox_size
+    normal_file = write_random_file(options.work_dir / "outbox-up.video", size).path
+    cut_file = write_random_file(options.work_dir / "outbox-cut.video", size).path
+    data_dir = options.work_dir / "outbox-data"
+    port = free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+
+    async with fresh_vhost(options.amqp_url, "outbox") as amqp_url:
+        proxy = await asyncio.to_thread(FaultProxy.for_url, amqp_url)
+        try:
+            env = os.environ | {
+                "DATAHAUL_AMQP_URL": proxy.url_for(amqp_url),
+                "DATAHAUL_DATA_DIR": str(data_dir),
+                "DATAHAUL_QUEUE_TYPE": options.queue_type,
+            }
+            args = ["gateway", "--port", str(port)]
+            async with service("gateway", args, env, data_dir) as gateway:
+                watched = gateway.watch()
+                sampler = PeakSampler({"gateway": watched})
+                sampler.start()
+                try:
+                    normal, cut, drained = await cut_and_drain(
+                        context, gateway, gateway_url, proxy, normal_file, cut_file
+                    )
+                finally:
+                    peak = sampler.stop()["gateway"]
+        finally:
+            await asyncio.to_thread(proxy.close)
+        queued = await purge(amqp_url, queue_for("video"))
+
+    expected = normal.packets + cut.packets
+    if queued < expected:
+        raise BenchmarkError(
+            f"the queue holds {queued} packets after the drain, but {expected} were "
+            "accepted; the outbox lost packets"
+        )
+    return outbox_figures(context, normal, cut, drained, peak, queued)
+
+
+async def cut_and_drain(
+    context: RunContext,
+    gateway: Service,
+    gateway_url: str,
+    proxy: FaultProxy,
+    normal_file: Path,
+    cut_file: Path,
+) -> tuple[Accepting, Accepting, Drain]:
+    deadline = time.monotonic() + READY_TIMEOUT
+    await wait_healthy(gateway, gateway_url, deadline)
+    async with aiohttp.ClientSession() as session:
+        health = Health(session, gateway_url, gateway)
+        await health.until(lambda h: h["broker"] == "up", "the broker link is up")
+        normal = await accept(context, gateway, gateway_url, normal_file)
+
+        await asyncio.to_thread(proxy.refuse, cut_open=True)
+        await health.until(lambda h: h["broker"] == "down", "the link is down")
+        cut = await accept(context, gateway, gateway_url, cut_file)
+        buffered = cut.sent.packets("packets_buffered")
+        if buffered != cut.packets:
+            raise BenchmarkError(
+                f"with the broker link cut, {cut.packets - buffered} of "
+                f"{cut.packets} packets were not answered 202 (buffered)"
+            )
+        held = await health.read()
+        if held["outbox"]["packets"] != cut.packets:
+            raise BenchmarkError(
+                f"the gateway answered 202 for {cut.packets} packets but its "
+                f"outbox holds {held['outbox']['packets']}"
+            )
+
+        drained = await drain(health, gateway, proxy, held["outbox"])
+    return normal, cut, drained
+
+
+async def accept(
+    context: RunContext, gateway: Service, gateway_url: str, path: Path
+) -> Accepting:
+    options = context.options
+    async with driver(
+        "burst",
+        [path],
+        gateway_url=gateway_url,
+        data_type="video",
+        chunk=flag_name(options.outbox_chunk),
+        work_dir=options.work_dir,
+        timeout=options.timeout,
+    ) as sender:
+        meter = CpuMeter(
+            {"sender": sender.process} | busy(gateway), self_label="harness (proxy)"
+        )
+        with meter.measure():
+            await sender.go()
+            sent = await sender.result()
+    gateway.check_alive()
+    return Accepting(sent, meter.cores())
+
+
+def busy(gateway: Service) -> dict[str, psutil.Process]:
+    """The processes whose CPU time each step reports, beside the harness's."""
+    broker = broker_process()
+    return {"gateway": gateway.watch()} | ({"broker": broker} if broker else {})
+
+
+async def drain(
+    health: Health, gateway: Service, proxy: FaultProxy, held: dict[str, Any]
+) -> Drain:
+    """Let the link through; time the reconnect and the drain to empty."""
+    meter = CpuMeter(busy(gateway), self_label="harness (proxy)")
+    passed = time.perf_counter()
+    await asyncio.to_thread(proxy.pass_through)
+    up = await health.until(lambda h: h["broker"] == "up", "the link is back")
+    with meter.measure():
+        empty = await health.until(
+            lambda h: h["outbox"]["packets"] == 0, "the outbox is empty"
+        )
+    return Drain(
+        int(held["packets"]),
+        up - passed,
+        empty - up,
+        meter.cores(),
+    )
+
+
+class Health:
+    """Polls the gateway's /healthz; errors name what never came."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, gateway_url: str, gateway: Service
+    ) -> None:
+        self.session = session
+        self.url = f"{gateway_url}/healthz"
+        self.gateway = gateway
+
+    async def read(self) -> dict[str, Any]:
+        async with self.session.get(self.url) as response:
+            document: dict[str, Any] = await response.json()
+            return document
+
+    async def until(self, wanted: Callable[[dict[str, Any]], bool], what: str) -> float:
+        """Poll until `wanted` holds; the instant it was first seen to hold."""
+        deadline = time.monotonic() + LINK_TIMEOUT
+        while True:
+            self.gateway.check_alive()
+            if wanted(await self.read()):
+                return time.perf_counter()
+            if time.monotonic() > deadline:
+                raise BenchmarkError(
+                    f"the gateway's /healthz never showed that {what} within "
+                    f"{LINK_TIMEOUT:g} s; its log:\n{self.gateway.tail()}"
+                )
+            await asyncio.sleep(POLL_SECONDS)
+
+
+async def purge(amqp_url: str, queue_name: str) -> int:
+    """Empty the queue straight at the broker; how many messages it held."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        held = int(queue.declaration_result.message_count or 0)
+        await queue.purge()
+        return held
+    finally:
+        await connection.close()
+
+
+def outbox_figures(
+    context: RunContext,
+    normal: Accepting,
+    cut: Accepting,
+    drained: Drain,
+    peak: int,
+    queued: int,
+) -> list[Figure]:
+    options = context.options
+    queue, chunk = options.queue_type, options.outbox_chunk
+    chunk_name = size_name(chunk)
+    file_name = size_name(options.outbox_size)
+    figures = []
+    for key, run, how in (
+        ("normal", normal, "broker link up, every packet published (200)"),
+        ("accept", cut, "broker link cut, every packet answered 202 (outbox)"),
+    ):
+        rate = run.rate()
+        first, last = run.sent.answer_window()
+        figures.append(
+            Figure(
+                f"outbox/{key}/{queue}/{chunk}",
+                f"gateway accept rate, {how.split(',')[0]}, {chunk_name} packets",
+                rate,
+                "packets/s",
+                f"{run.packets} packets of a {file_name} file, {how}; "
+                f"{rate * chunk / MB:.1f} MB/s from the first to the last 2xx "
+                f"({last - first:.2f} s; the sender's whole send, hashing "
+                f"included, {run.sent.finished - run.sent.started:.2f} s); "
+                f"{run.cores}",
+            )
+        )
+    figures.append(
+        Figure(
+            f"outbox/drain/{queue}/{chunk}",
+            f"outbox drain once the link is back, {chunk_name} packets",
+            drained.packets / drained.drain_seconds,
+            "packets/s",
+            f"{drained.packets} packets "
+            f"({mb_per_s(options.outbox_size, drained.drain_seconds):.1f} MB/s) "
+            f"forwarded in {drained.drain_seconds:.2f} s from the link's "
+            f"return (/healthz polled every {POLL_SECONDS * 1000:.0f} ms; the "
+            f"reconnect took {drained.reconnect_seconds:.2f} s and is not counted); "
+            f"the queue then held {queued} packets; {drained.cores}",
+        )
+    )
+    figures.append(
+        Figure(
+            f"mem/gateway/outbox-{chunk}",
+            f"gateway peak RSS, outbox part, {chunk_name} packets",
+            peak / MB,
+            "MB",
+            "sampled every 50 ms, children included, through both sends and the drain",
+        )
+    )
+    return figures
