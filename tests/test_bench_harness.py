@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -16,13 +17,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.pipeline import file_id_from  # noqa: E402
+from bench.drive import drive  # noqa: E402
+from bench.packets import percentile, write_text_files  # noqa: E402
+from bench.pipeline import file_id_from, free_port  # noqa: E402
 from bench.rabbit import fresh_vhost, rabbitmqctl, round_trip, small_bodies  # noqa: E402
 from bench.registry import BenchmarkError, Figure, Options  # noqa: E402
-from bench.report import BEGIN, END, comparisons, write_doc  # noqa: E402
+from bench.report import (  # noqa: E402
+    BEGIN,
+    END,
+    comparisons,
+    markdown,
+    value_text,
+    write_doc,
+)
 from bench.units import flag_name, parse_size, size_name  # noqa: E402
 
 from datahaul.errors import ConfigError  # noqa: E402
+from datahaul.sender import file_id_from_sha256  # noqa: E402
 
 
 def test_sizes_are_read_as_people_write_them() -> None:
@@ -227,3 +238,175 @@ def wait_for_services(pid: int, timeout: float) -> list[psutil.Process]:
             return children
         time.sleep(0.2)
     raise AssertionError(f"the harness started no gateway and worker in {timeout} s")
+
+
+def test_the_new_targets_pair_each_figure_with_its_own_ceiling() -> None:
+    """Text packets meet 8x bare 1 KiB, the outbox 0.8x, latency p99 < 100 ms."""
+    figures = [
+        Figure("bare/quorum/1024", "bare 1K", 2000.0, "msg/s"),
+        Figure("bare-publish/quorum/262144", "publish 256K", 500.0, "msg/s"),
+        Figure("pipeline/text/quorum/1024", "text", 17000.0, "packets/s"),
+        Figure("outbox/normal/quorum/262144", "up", 300.0, "packets/s"),
+        Figure("outbox/accept/quorum/262144", "cut", 250.0, "packets/s"),
+        Figure("outbox/drain/quorum/262144", "drain", 350.0, "packets/s"),
+        Figure("latency/text/p50", "p50", 20.0, "ms"),
+        Figure("latency/text/p99", "p99", 120.0, "ms"),
+    ]
+    checks = {
+        (c.figure.key, c.ceiling.key if c.ceiling else None): c
+        for c in comparisons(figures)
+    }
+
+    text = checks[("pipeline/text/quorum/1024", "bare/quorum/1024")]
+    assert text.ratio == pytest.approx(8.5)
+    assert text.met
+    accept = checks[("outbox/accept/quorum/262144", "outbox/normal/quorum/262144")]
+    assert accept.met
+    assert accept.ratio == pytest.approx(250 / 300)
+    drain = checks[("outbox/drain/quorum/262144", "bare-publish/quorum/262144")]
+    assert drain.ratio == pytest.approx(0.7)
+    assert not drain.met
+    latency = checks[("latency/text/p99", None)]
+    assert latency.target == "< 100 ms"
+    assert not latency.met
+    assert len(checks) == 4
+
+
+def test_rates_of_things_are_whole_numbers_and_megabytes_keep_a_decimal() -> None:
+    """packets/s and files/s print without decimals; MB/s and ms keep one."""
+    assert value_text(Figure("k", "l", 12345.6, "packets/s")) == "12,346 packets/s"
+    assert value_text(Figure("k", "l", 99.44, "files/s")) == "99 files/s"
+    assert value_text(Figure("k", "l", 99.44, "MB/s")) == "99.4 MB/s"
+    assert value_text(Figure("k", "l", 7.25, "ms")) == "7.2 ms"
+
+
+def test_percentiles_are_taken_by_nearest_rank() -> None:
+    """p50 of 1..100 is 50, p99 is 99, the maximum is 100; none of nothing."""
+    values = [float(v) for v in range(100, 0, -1)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([3.0], 0.99) == 3.0
+    with pytest.raises(BenchmarkError, match="no latency"):
+        percentile([], 0.5)
+
+
+def test_text_files_are_distinct_and_named_by_their_content(tmp_path: Path) -> None:
+    """Each file has the asked size, printable bytes and the sender's own file id."""
+    files = write_text_files(tmp_path, 5, 3000)
+
+    assert len({item.file_id for item in files}) == 5
+    for item in files:
+        data = item.path.read_bytes()
+        assert len(data) == item.size == 3000
+        assert data.isascii()
+        assert item.file_id == file_id_from_sha256(item.sha256)
+
+
+def test_another_doc_section_goes_after_the_main_one_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """A named section is added after the results, then replaced in place."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Intro\n\n{BEGIN}\nmain\n{END}\n\n## Notes by hand\n")
+    figure = [Figure("mem/worker/262144", "worker peak RSS", 120.0, "MB")]
+
+    write_doc(doc, markdown(figure, ["- Command: first"], {}, "memory-4g"))
+    write_doc(doc, markdown(figure, ["- Command: second"], {}, "memory-4g"))
+
+    text = doc.read_text()
+    assert text.index(END) < text.index("<!-- bench:memory-4g:begin -->")
+    assert text.index("<!-- bench:memory-4g:end -->") < text.index("## Notes by hand")
+    assert "- Command: second" in text
+    assert "- Command: first" not in text
+    assert "## Latest run: memory-4g" in text
+    assert "main" in text
+
+
+def test_a_bad_doc_section_or_count_is_refused_before_anything_runs() -> None:
+    """--doc-section with spaces and --small-per-file 0 fail, naming the flag."""
+    for args, flag in (
+        (["--doc-section", "Big Run"], "--doc-section"),
+        (["--small-per-file", "0"], "--small-per-file"),
+        (["--latency-rate", "-5"], "--latency-rate"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert flag in done.stderr
+
+
+def test_a_child_process_reads_the_same_perf_counter_clock() -> None:
+    """perf_counter in another process falls between two readings of ours."""
+    before = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, "-c", "import time; print(time.perf_counter())"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    after = time.perf_counter()
+
+    assert before <= float(child.stdout) <= after
+
+
+async def test_the_driven_sender_reports_a_file_it_could_not_send(
+    tmp_path: Path,
+) -> None:
+    """A file that cannot be read fails the driven send with the sender's reason."""
+    missing = tmp_path / "gone.txt"
+
+    with pytest.raises(BenchmarkError, match=r"1 of 1 files failed.*gone\.txt"):
+        await drive(
+            "burst",
+            [missing],
+            gateway_url=f"http://127.0.0.1:{free_port()}",
+            data_type="text",
+            chunk="1K",
+            work_dir=tmp_path,
+            timeout=60.0,
+        )
+    left = await asyncio.to_thread(lambda: [p.suffix for p in tmp_path.iterdir()])
+    assert left == [".log"]
+
+
+def test_the_packet_parts_measure_small_files_outbox_and_latency(
+    tmp_path: Path,
+) -> None:
+    """small, outbox and latency at tiny sizes save their figures and clean up."""
+    saved = tmp_path / "figures.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--parts", "small,outbox,latency",
+         "--small-count", "600", "--small-per-file", "20", "--outbox-size", "4M",
+         "--latency-count", "60", "--latency-seconds", "1",
+         "--json", str(saved), "--work-dir", str(work)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = harness.communicate(timeout=400)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+
+    assert harness.returncode == 0, output
+    record = json.loads(saved.read_text())
+    figures = {f["key"]: f for f in record["figures"]}
+    assert set(figures) == {
+        "pipeline/text/quorum/1024", "mem/gateway/text-1024",
+        "outbox/normal/quorum/262144", "outbox/accept/quorum/262144",
+        "outbox/drain/quorum/262144", "mem/gateway/outbox-262144",
+        "latency/text/burst", "latency/text/p50", "latency/text/p99",
+        "latency/text/max",
+    }  # fmt: skip
+    assert "600 packets in 30 files" in figures["pipeline/text/quorum/1024"]["detail"]
+    assert "held 32 packets" in figures["outbox/drain/quorum/262144"]["detail"]
+    p50, p99 = figures["latency/text/p50"], figures["latency/text/p99"]
+    assert 0 < p50["value"] <= p99["value"] <= figures["latency/text/max"]["value"]
+    assert list(work.iterdir()) == []
+    vhosts = subprocess.run(
+        ["rabbitmqctl", "list_vhosts"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"-{harness.pid}-" not in vhosts
