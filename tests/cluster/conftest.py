@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cluster_checks import HostDirs, declare_through
 from psycopg import sql
 
+from cluster.cluster_checks import HostDirs, declare_through
 from datahaul.broker import topology
 from datahaul.config import Settings
 from datahaul.faults import HarnessError

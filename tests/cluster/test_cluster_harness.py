@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster_checks import declare_through
 
+from cluster.cluster_checks import declare_through
 from datahaul.broker import topology
 from datahaul.config import Settings
 from datahaul.faults import HarnessError

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cluster_checks import (
+
+from cluster.cluster_checks import (
     HostDirs,
     Robots,
     assert_stored_once,
@@ -18,7 +19,6 @@ from cluster_checks import (
     sent_files,
     wait_outbox_empty,
 )
-
 from datahaul.faults.cluster import ClusterNode, RabbitCluster
 from datahaul.faults.processes import ServiceProcess
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cluster_checks import (
+
+from cluster.cluster_checks import (
     MIX,
     HostDirs,
     Robots,
@@ -20,7 +21,6 @@ from cluster_checks import (
     wait_outbox_empty,
     wait_received,
 )
-
 from datahaul.faults.cluster import RabbitCluster
 from datahaul.faults.processes import ServiceProcess
 from datahaul.sender import file_id_from_sha256

@@ -1,0 +1,1 @@
+"""Tests against a real three-node RabbitMQ cluster started on this machine."""
