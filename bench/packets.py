@@ -350,12 +350,16 @@ def latency_figures(
         if options.latency_rate
         else f"half the {highest:,.0f} files/s of the burst"
     )
+    fifth = max(1, len(delays) // 5)
+    early, late = delays[:fifth], delays[-fifth:]
     how = (
         f"{len(delays)} one-packet {size} text files started at {rate:,.0f} "
         f"files/s ({chosen}) over {sent.finished - sent.started:.1f} s, the sender "
         f"at most {sent.record['late_seconds'] * 1000:.0f} ms behind schedule; "
-        "from the 2xx the sender heard to the file.stored event the harness "
-        f"heard; {paced.cores}"
+        f"stored at {len(delays) / paced.seconds:,.0f} files/s; from the 2xx the "
+        "sender heard to the file.stored event the harness heard; p50 of the "
+        f"first and of the last fifth sent: {percentile(early, 0.5) * 1000:,.0f} "
+        f"and {percentile(late, 0.5) * 1000:,.0f} ms; {paced.cores}"
     )
     figures = [
         Figure(
