@@ -148,9 +148,16 @@ async def cut_and_drain(
         health = Health(session, gateway_url, gateway)
         await health.until(lambda h: h["broker"] == "up", "the broker link is up")
         normal = await accept(context, gateway, gateway_url, normal_file)
+        if buffered := normal.sent.packets("packets_buffered"):
+            raise BenchmarkError(
+                f"with the broker link up, {buffered} of {normal.packets} packets "
+                "went to the outbox (202), so the gateway's normal rate was not "
+                "measured; was RabbitMQ restarted or overloaded? run it again"
+            )
 
         await asyncio.to_thread(proxy.refuse, cut_open=True)
         await health.until(lambda h: h["broker"] == "down", "the link is down")
+        log.info("bench.outbox_link", state="cut", normal_rate=round(normal.rate()))
         cut = await accept(context, gateway, gateway_url, cut_file)
         buffered = cut.sent.packets("packets_buffered")
         if buffered != cut.packets:
@@ -206,6 +213,7 @@ async def drain(
     passed = time.perf_counter()
     await asyncio.to_thread(proxy.pass_through)
     up = await health.until(lambda h: h["broker"] == "up", "the link is back")
+    log.info("bench.outbox_link", state="back", packets=held["packets"])
     with meter.measure():
         empty = await health.until(
             lambda h: h["outbox"]["packets"] == 0, "the outbox is empty"

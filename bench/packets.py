@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import structlog
 
 from bench.drive import Driver, DriveRun, driver
 from bench.pipeline import (
@@ -51,8 +50,6 @@ from bench.registry import (
 from bench.units import MB, flag_name, size_name
 from datahaul.broker.topology import queue_for
 from datahaul.sender import file_id_from_sha256
-
-log = structlog.get_logger("datahaul.bench")
 
 TEXT_STORED_KEY = "file.stored.text"
 
