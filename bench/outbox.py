@@ -35,7 +35,7 @@ from bench.pipeline import (
     service,
     wait_healthy,
 )
-from bench.procs import CpuMeter, PeakSampler, broker_process
+from bench.procs import CpuMeter, broker_process, sampled, tree_high_water
 from bench.rabbit import fresh_vhost
 from bench.registry import (
     BenchmarkError,
@@ -60,6 +60,7 @@ class Accepting:
 
     sent: DriveRun
     cores: str
+    peak_rss: int
 
     @property
     def packets(self) -> int:
@@ -86,6 +87,7 @@ class Drain:
     reconnect_seconds: float
     drain_seconds: float
     cores: str
+    peak_rss: int
 
 
 @benchmark(
@@ -112,15 +114,10 @@ async def outbox(context: RunContext) -> list[Figure]:
             }
             args = ["gateway", "--port", str(port)]
             async with service("gateway", args, env, data_dir) as gateway:
-                watched = gateway.watch()
-                sampler = PeakSampler({"gateway": watched})
-                sampler.start()
-                try:
-                    normal, cut, drained = await cut_and_drain(
-                        context, gateway, gateway_url, proxy, normal_file, cut_file
-                    )
-                finally:
-                    peak = sampler.stop()["gateway"]
+                normal, cut, drained = await cut_and_drain(
+                    context, gateway, gateway_url, proxy, normal_file, cut_file
+                )
+                high_water = tree_high_water(gateway.watch())
         finally:
             await asyncio.to_thread(proxy.close)
         queued = await purge(amqp_url, queue_for("video"))
@@ -131,7 +128,7 @@ async def outbox(context: RunContext) -> list[Figure]:
             f"the queue holds {queued} packets after the drain, but {expected} were "
             "accepted; the outbox lost packets"
         )
-    return outbox_figures(context, normal, cut, drained, peak, queued)
+    return outbox_figures(context, normal, cut, drained, high_water, queued)
 
 
 async def cut_and_drain(
@@ -192,11 +189,11 @@ async def accept(
         meter = CpuMeter(
             {"sender": sender.process} | busy(gateway), self_label="harness (proxy)"
         )
-        with meter.measure():
+        with meter.measure(), sampled({"gateway": gateway.watch()}) as sampler:
             await sender.go()
             sent = await sender.result()
     gateway.check_alive()
-    return Accepting(sent, meter.cores())
+    return Accepting(sent, meter.cores(), sampler.peaks["gateway"])
 
 
 def busy(gateway: Service) -> dict[str, psutil.Process]:
@@ -214,7 +211,7 @@ async def drain(
     await asyncio.to_thread(proxy.pass_through)
     up = await health.until(lambda h: h["broker"] == "up", "the link is back")
     log.info("bench.outbox_link", state="back", packets=held["packets"])
-    with meter.measure():
+    with meter.measure(), sampled({"gateway": gateway.watch()}) as sampler:
         empty = await health.until(
             lambda h: h["outbox"]["packets"] == 0, "the outbox is empty"
         )
@@ -223,6 +220,7 @@ async def drain(
         up - passed,
         empty - up,
         meter.cores(),
+        sampler.peaks["gateway"],
     )
 
 
@@ -274,7 +272,7 @@ def outbox_figures(
     normal: Accepting,
     cut: Accepting,
     drained: Drain,
-    peak: int,
+    high_water: int,
     queued: int,
 ) -> list[Figure]:
     options = context.options
@@ -315,13 +313,20 @@ def outbox_figures(
             f"the queue then held {queued} packets; {drained.cores}",
         )
     )
+    peaks = {
+        "accepting with the link up": normal.peak_rss,
+        "accepting into the outbox": cut.peak_rss,
+        "draining": drained.peak_rss,
+    }
     figures.append(
         Figure(
             f"mem/gateway/outbox-{chunk}",
             f"gateway peak RSS, outbox part, {chunk_name} packets",
-            peak / MB,
+            max(peaks.values()) / MB,
             "MB",
-            "sampled every 50 ms, children included, through both sends and the drain",
+            "sampled every 50 ms, children included; "
+            + ", ".join(f"{what} {peak / MB:.1f} MB" for what, peak in peaks.items())
+            + f"; kernel VmHWM sum {high_water / MB:.1f} MB",
         )
     )
     return figures

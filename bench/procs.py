@@ -100,6 +100,17 @@ class PeakSampler:
             self.peaks[name] = max(self.peaks[name], tree_rss(process))
 
 
+@contextmanager
+def sampled(processes: dict[str, psutil.Process]) -> Iterator[PeakSampler]:
+    """Sample peak RSS while the block runs; read `.peaks` afterwards."""
+    sampler = PeakSampler(processes)
+    sampler.start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds used by named processes over an interval, as cores busy.
