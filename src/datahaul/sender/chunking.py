@@ -139,6 +139,10 @@ def total_seq_for(size: int, chunk_size: int) -> int:
     return max(1, math.ceil(size / chunk_size))
 
 
+# Files up to this size are read into memory once when opened.
+WHOLE_FILE_BYTES = 256 * 1024
+
+
 class ChunkSource(Protocol):
     """Where a file's bytes come from: read any range, again, without the rest."""
 
@@ -175,13 +179,23 @@ class FileSource:
         stat = os.fstat(self._fd)
         self._size = stat.st_size
         self._mtime_ns = stat.st_mtime_ns
+        # A small file is read once: many tiny reads of it cost more in
+        # system calls than holding it.
+        self._whole = (
+            os.pread(self._fd, self._size, 0)
+            if self._size <= WHOLE_FILE_BYTES
+            else None
+        )
 
     @property
     def size(self) -> int:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
+        if self._whole is not None:
+            data = self._whole[offset : offset + length]
+        else:
+            data = os.pread(self._fd, length, offset)
         if len(data) != min(length, max(0, self._size - offset)):
             raise self._changed()
         return data
