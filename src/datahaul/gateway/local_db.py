@@ -21,15 +21,19 @@ Result = TypeVar("Result")
 class LocalDatabase:
     """One SQLite file and the single thread allowed to touch it."""
 
-    def __init__(self, path: Path, schema: str, *, synchronous: str) -> None:
+    def __init__(
+        self, path: Path, schema: str, *, synchronous: str, page_size: int = 4096
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{path.stem}")
         self._connection: sqlite3.Connection | None = None
-        self._pool.submit(self._open, schema, synchronous).result()
+        self._pool.submit(self._open, schema, synchronous, page_size).result()
 
-    def _open(self, schema: str, synchronous: str) -> None:
+    def _open(self, schema: str, synchronous: str, page_size: int) -> None:
         connection = sqlite3.connect(self.path, isolation_level=None)
+        # Takes effect only when the file is created; an older file keeps its own.
+        connection.execute(f"PRAGMA page_size={page_size}")
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={synchronous}")
         connection.executescript(schema)
