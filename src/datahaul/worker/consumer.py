@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +50,7 @@ DEAD_LETTER_FAILURES: tuple[type[BaseException], ...] = (
     *BROKER_FAILURES,
 )
 RETRY_DELAY = 1.0
+ANNOUNCES_IN_FLIGHT = 8
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Worker:
         self._final_pool = ThreadPoolExecutor(1, thread_name_prefix="finalize")
         self._finalizing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._announcing = asyncio.Semaphore(ANNOUNCES_IN_FLIGHT)
         self._events: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
         self.stats = {"packets": 0, "duplicates": 0, "dead": 0, "stored": 0}
@@ -213,7 +215,10 @@ class Worker:
             self.schedule_finalize(file_id)
         if result.finished:
             self.stats["stored"] += len(result.finished)
-            await self._announce(result.finished)
+            # The next batch need not wait for these confirms; the bound
+            # keeps a slow broker from piling up unsent events in memory.
+            await self._announcing.acquire()
+            self._spawn(self._announce_then_release(result.finished), "announce")
 
     def _stage(self, batch: list[Delivery]) -> BatchResult:
         result = BatchResult()
@@ -255,9 +260,18 @@ class Worker:
         if file_id in self._finalizing:
             return
         self._finalizing.add(file_id)
-        task = asyncio.create_task(self._finalize(file_id), name=f"finalize {file_id}")
+        self._spawn(self._finalize(file_id), f"finalize {file_id}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _announce_then_release(self, records: Sequence[FileRecord]) -> None:
+        try:
+            await self._announce(records)
+        finally:
+            self._announcing.release()
 
     async def _finalize(self, file_id: str) -> None:
         loop = asyncio.get_running_loop()
