@@ -127,37 +127,35 @@ class GatewayMetrics(MetricGroup):
         self.outbox_quota_bytes.set_function(lambda: outbox.quota_bytes)
         self.broker_link_up.set_function(lambda: 1.0 if publisher.link_up else 0.0)
 
-    def record_accepted(
-        self,
-        packets: Sequence[Packet],
-        messages: Sequence[Outgoing],
-        buffered: Sequence[Outgoing],
-    ) -> None:
-        """Count one answered request: every packet, and where its message went."""
+    def record_accepted(self, packets: Sequence[Packet]) -> None:
+        """Count one answered request's packets."""
         self.packets_accepted.inc(len(packets))
         self.bytes_accepted.inc(sum(len(packet.data) for packet in packets))
 
-        in_outbox = {id(message) for message in buffered}
-        published = [m for m in messages if id(m) not in in_outbox]
-        self.packets_published.inc(_packet_count(published))
-        self.bytes_published.inc(_body_bytes(published))
+    def record_sent(self, messages: Sequence[Outgoing], *, buffered: bool) -> None:
+        """Count messages confirmed by RabbitMQ, or kept in the outbox instead."""
+        if not messages:
+            return
         if buffered:
-            self.packets_buffered.inc(_packet_count(buffered))
-            self.bytes_buffered.inc(_body_bytes(buffered))
-            ERRORS.labels("gateway", "publish_failed").inc(len(buffered))
+            self.packets_buffered.inc(_packet_count(messages))
+            self.bytes_buffered.inc(_body_bytes(messages))
+            ERRORS.labels("gateway", "publish_failed").inc(len(messages))
+        else:
+            self.packets_published.inc(_packet_count(messages))
+            self.bytes_published.inc(_body_bytes(messages))
 
     def record_forwarded(
-        self, rows: Sequence[tuple[int, Outgoing]], results: Sequence[object]
+        self, messages: Sequence[Outgoing], results: Sequence[object]
     ) -> None:
         """Count one outbox drain batch: confirmed messages and failed ones."""
         confirmed = [
             message
-            for (_, message), result in zip(rows, results, strict=True)
+            for message, result in zip(messages, results, strict=True)
             if result is None
         ]
         self.packets_forwarded.inc(_packet_count(confirmed))
         self.bytes_forwarded.inc(_body_bytes(confirmed))
-        failed = len(rows) - len(confirmed)
+        failed = len(messages) - len(confirmed)
         if failed:
             ERRORS.labels("gateway", "forward_failed").inc(failed)
 

@@ -21,6 +21,7 @@ from datahaul.broker.publisher import ConfirmingPublisher, Outgoing
 from datahaul.center.reports import StatusReporter, gateway_id
 from datahaul.config import Settings
 from datahaul.errors import BrokerError
+from datahaul.gateway.coalescer import Coalescer
 from datahaul.gateway.ledger import Ledger
 from datahaul.gateway.outbox import Outbox
 from datahaul.protocol import wire
@@ -55,6 +56,9 @@ class Gateway:
         self.publisher = ConfirmingPublisher(
             settings, "datahaul-gateway", on_link_change=self._link_changed
         )
+        self.coalescer = Coalescer(
+            self.publisher, self.outbox.put, bundle_message, settings.bundle_bytes
+        )
         self.started_at = time.time()
         self.counters = {"accepted": 0, "published": 0, "buffered": 0, "rejected": 0}
         self._tasks: list[asyncio.Task[None]] = []
@@ -83,8 +87,28 @@ class Gateway:
     async def accept(self, packets: Sequence[Packet]) -> Accepted:
         """Publish or buffer checked packets; OutboxFull when neither can take them."""
         await self.ledger.check(packets)
-        messages = plan_messages(packets, self.settings)
+        small = [p for p in packets if self.coalescer.takes(p)]
+        large = [p for p in packets if not self.coalescer.takes(p)]
 
+        sending = [self._publish_or_buffer(plan_messages(large, self.settings))]
+        if small:
+            sending.append(self.coalescer.submit(small))
+        buffered = 0
+        for outcome in await asyncio.gather(*sending, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            buffered += outcome
+        await self.ledger.record(packets)
+
+        self.counters["accepted"] += len(packets)
+        self.counters["buffered"] += buffered
+        self.counters["published"] += len(packets) - buffered
+        metrics.GATEWAY.record_accepted(packets)
+        return Accepted(len(packets), len(packets) - buffered, buffered)
+
+    async def _publish_or_buffer(self, messages: list[Outgoing]) -> int:
+        """Publish each message, keep the unconfirmed ones in the outbox, and
+        say how many packets went there."""
         failed: list[Outgoing] = []
         if self.publisher.link_up:
             results = await asyncio.gather(
@@ -96,18 +120,14 @@ class Gateway:
                 elif isinstance(result, BaseException):
                     raise result
         else:
-            failed = messages
+            failed = list(messages)
 
         if failed:
             await self.outbox.put(failed)
-        await self.ledger.record(packets)
-
-        buffered = sum(max(1, len(m.keys)) for m in failed)
-        self.counters["accepted"] += len(packets)
-        self.counters["buffered"] += buffered
-        self.counters["published"] += len(packets) - buffered
-        metrics.GATEWAY.record_accepted(packets, messages, failed)
-        return Accepted(len(packets), len(packets) - buffered, buffered)
+        published = [m for m in messages if all(m is not f for f in failed)]
+        metrics.GATEWAY.record_sent(published, buffered=False)
+        metrics.GATEWAY.record_sent(failed, buffered=True)
+        return sum(max(1, len(m.keys)) for m in failed)
 
     def health(self) -> dict[str, Any]:
         return {

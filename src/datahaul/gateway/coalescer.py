@@ -1,0 +1,132 @@
+"""Small packets of concurrent requests share broker messages.
+
+A broker message with its confirm costs about the same for 1 KiB as for
+200 KiB, so one-packet requests arriving together are worth carrying
+together. No timer decides when: a lone packet leaves at once, and only
+while a few partial bundles already wait for their confirms do new packets
+gather for the next one. The busier the gateway, the fuller its bundles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from datahaul import metrics
+from datahaul.broker.publisher import ConfirmingPublisher, Outgoing
+from datahaul.errors import BrokerError
+from datahaul.protocol.packet import Packet
+
+# Partial bundles allowed to wait for confirms at once; a full bundle never
+# waits for this (the publisher's own window bounds it).
+PARTIAL_IN_FLIGHT = 2
+# Room a packet takes in a bundle beyond its data: the frame's JSON header.
+FRAME_OVERHEAD = 200
+
+BundleMaker = Callable[[str, list[Packet]], Outgoing]
+Buffer = Callable[[Sequence[Outgoing]], Awaitable[None]]
+
+
+@dataclass
+class _Waiting:
+    packets: list[Packet] = field(default_factory=list)
+    answers: list[asyncio.Future[bool]] = field(default_factory=list)
+    size: int = 0
+
+
+class Coalescer:
+    """Publishes small packets in shared bundles, or buffers the bundle.
+
+    `submit` returns once each packet is confirmed by RabbitMQ or in the
+    outbox, and says how many went to the outbox; it raises what the
+    outbox raised (OutboxFull) when a bundle could go to neither.
+    """
+
+    def __init__(
+        self,
+        publisher: ConfirmingPublisher,
+        buffer: Buffer,
+        make_bundle: BundleMaker,
+        bundle_bytes: int,
+    ) -> None:
+        self._publisher = publisher
+        self._buffer = buffer
+        self._make_bundle = make_bundle
+        self._bundle_bytes = bundle_bytes
+        self._waiting: dict[str, _Waiting] = {}
+        self._partial_in_flight = 0
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def takes(self, packet: Packet) -> bool:
+        return len(packet.data) + FRAME_OVERHEAD <= self._bundle_bytes // 32
+
+    async def submit(self, packets: Sequence[Packet]) -> int:
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[bool]] = []
+        for packet in packets:
+            answer: asyncio.Future[bool] = loop.create_future()
+            answers.append(answer)
+            waiting = self._waiting.setdefault(packet.type, _Waiting())
+            waiting.packets.append(packet)
+            waiting.answers.append(answer)
+            waiting.size += len(packet.data) + FRAME_OVERHEAD
+            if waiting.size >= self._bundle_bytes:
+                self._send(packet.type, full=True)
+        self._send_partials()
+
+        outcomes = await asyncio.gather(*answers, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(1 for buffered in outcomes if buffered)
+
+    def _send_partials(self) -> None:
+        for data_type in list(self._waiting):
+            if self._partial_in_flight >= PARTIAL_IN_FLIGHT:
+                return
+            self._send(data_type, full=False)
+
+    def _send(self, data_type: str, *, full: bool) -> None:
+        waiting = self._waiting.pop(data_type)
+        if not full:
+            self._partial_in_flight += 1
+        task = asyncio.create_task(self._deliver(data_type, waiting, full))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _deliver(self, data_type: str, waiting: _Waiting, full: bool) -> None:
+        message = self._make_bundle(data_type, waiting.packets)
+        try:
+            buffered = await self._publish_or_buffer(message)
+        except Exception as exc:
+            _answer(waiting.answers, exc)
+        else:
+            _answer(waiting.answers, buffered)
+        finally:
+            if not full:
+                self._partial_in_flight -= 1
+            self._send_partials()
+
+    async def _publish_or_buffer(self, message: Outgoing) -> bool:
+        try:
+            if not self._publisher.link_up:
+                raise BrokerError("RabbitMQ link is down")
+            await self._publisher.publish(message)
+        except BrokerError:
+            await self._buffer([message])
+            metrics.GATEWAY.record_sent([message], buffered=True)
+            return True
+        metrics.GATEWAY.record_sent([message], buffered=False)
+        return False
+
+
+def _answer(answers: list[asyncio.Future[bool]], outcome: bool | Exception) -> None:
+    for answer in answers:
+        # A request whose client went away was cancelled; nothing to tell it.
+        if answer.done():
+            continue
+        if isinstance(outcome, Exception):
+            answer.set_exception(outcome)
+        else:
+            answer.set_result(outcome)
