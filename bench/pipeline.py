@@ -32,7 +32,13 @@ import psutil
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.procs import CpuMeter, PeakSampler, broker_process, tree_high_water
+from bench.procs import (
+    CpuMeter,
+    PeakSampler,
+    broker_process,
+    device_of,
+    tree_high_water,
+)
 from bench.rabbit import fresh_vhost
 from bench.registry import BenchmarkError, Figure, RunContext, SourceFile, benchmark
 from bench.units import MB, flag_name, mb_per_s, size_name
@@ -180,7 +186,8 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
     checked = verify(source, run.event, stored)
     # Two stored copies of a 4 GiB source per chunk size would fill /tmp.
     shutil.rmtree(data_dir, ignore_errors=True)
-    return transfer_figures(options.queue_type, chunk, source, run, startup, checked)
+    figures = transfer_figures(options.queue_type, chunk, source, run, startup, checked)
+    return figures + disk_figures(context, options.queue_type, chunk, source, run)
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,9 @@ class TransferRun:
     peaks: dict[str, int]
     high_water: dict[str, int]
     cores: str
+    disk: str
+    device_bytes: int
+    seconds_metered: float
 
 
 async def timed_send(
@@ -211,6 +221,7 @@ async def timed_send(
         watched | ({"broker": broker} if broker else {}),
         self_label=None,
         children_label="sender",
+        device=device_of(context.options.work_dir),
     )
     sampler = PeakSampler(watched)
     sampler.start()
@@ -233,6 +244,9 @@ async def timed_send(
         peaks,
         high_water,
         meter.cores(),
+        meter.disk(source.size),
+        meter.device_bytes,
+        meter.wall,
     )
 
 
@@ -425,7 +439,7 @@ def transfer_figures(
         f"{size_name(source.size)} stored {run.stored_seconds:.2f} s after the "
         f"sender started (sender exited at {run.send_seconds:.2f} s; its start-up "
         f"alone, `send --help`, takes {startup:.2f} s); SHA-256 verified in "
-        f"{checked}; {run.cores}"
+        f"{checked}; {run.cores}; {run.disk}"
     )
     figures = [
         Figure(
@@ -448,6 +462,36 @@ def transfer_figures(
             )
         )
     return figures
+
+
+def disk_figures(
+    context: RunContext,
+    queue_type: str,
+    chunk: int,
+    source: SourceFile,
+    run: TransferRun,
+) -> list[Figure]:
+    """The device's write rate during the transfer, and the bound it implies."""
+    if run.device_bytes <= 0 or run.seconds_metered <= 0:
+        return []
+    per_byte = run.device_bytes / source.size
+    detail = f"{run.disk}; every process on the machine counted"
+    ceiling = context.figure("disk/write")
+    if ceiling is not None:
+        detail += (
+            f"; at {per_byte:.1f} bytes written per payload byte, the disk ceiling "
+            f"of this run ({ceiling.value:.0f} MB/s) allows at most "
+            f"{ceiling.value / per_byte:.0f} MB/s end to end"
+        )
+    return [
+        Figure(
+            f"disk/pipeline/{queue_type}/{chunk}",
+            f"disk writes during the pipeline, {size_name(chunk)} chunks",
+            mb_per_s(run.device_bytes, run.seconds_metered),
+            "MB/s",
+            detail,
+        )
+    ]
 
 
 # --- starting and stopping the services --------------------------------------

@@ -111,24 +111,61 @@ def sampled(processes: dict[str, psutil.Process]) -> Iterator[PeakSampler]:
         sampler.stop()
 
 
+def tree_written(process: psutil.Process) -> int:
+    """Bytes a process and its live children sent to the storage layer."""
+    total = 0
+    for member in members(process):
+        try:
+            total += member.io_counters().write_bytes
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+    return total
+
+
+def device_of(path: Path) -> str | None:
+    """The block device (as /proc/diskstats names it) holding `path`, if any."""
+    try:
+        number = os.stat(path).st_dev
+        link = Path(f"/sys/dev/block/{os.major(number)}:{os.minor(number)}")
+        return link.resolve(strict=True).name
+    except OSError:
+        return None
+
+
+def device_written(device: str | None) -> int:
+    """Bytes written to the device since boot, by every process on the machine."""
+    if device is None:
+        return 0
+    counters = psutil.disk_io_counters(perdisk=True) or {}
+    found = counters.get(device)
+    return found.write_bytes if found is not None else 0
+
+
 @dataclass
 class CpuMeter:
-    """CPU seconds used by named processes over an interval, as cores busy.
+    """CPU seconds and disk writes of named processes over an interval.
 
     `self_label` names this process (the benchmark's own client) and
     `children_label` the children that this process waits for during the
-    interval (a sender run as a subprocess); either may be left out.
+    interval (a sender run as a subprocess); either may be left out. When
+    `device` is given, the bytes written to that block device by the whole
+    machine are counted too.
     """
 
     processes: dict[str, psutil.Process]
     self_label: str | None = "client"
     children_label: str | None = None
+    device: str | None = None
     used: dict[str, float] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)
+    device_bytes: int = 0
     wall: float = 0.0
 
     @contextmanager
     def measure(self) -> Iterator[CpuMeter]:
         before = self._read()
+        written_before = self._read_written()
+        device_before = device_written(self.device)
         started = time.perf_counter()
         try:
             yield self
@@ -136,6 +173,23 @@ class CpuMeter:
             self.wall = time.perf_counter() - started
             after = self._read()
             self.used = {name: after[name] - before[name] for name in before}
+            written_after = self._read_written()
+            self.written = {
+                name: written_after[name] - written_before[name]
+                for name in written_before
+            }
+            self.device_bytes = device_written(self.device) - device_before
+
+    def disk(self, payload: int) -> str:
+        """'disk writes per payload byte: device 4.1 (352 MB/s), broker 2.0, ...'."""
+        if payload <= 0 or self.wall <= 0:
+            return ""
+        parts = []
+        if self.device is not None:
+            rate = self.device_bytes / MB / self.wall
+            parts.append(f"device {self.device_bytes / payload:.1f} ({rate:.0f} MB/s)")
+        parts += [f"{n} {b / payload:.1f}" for n, b in self.written.items()]
+        return "disk writes per payload byte: " + ", ".join(parts)
 
     def cores(self) -> str:
         """'client 0.71, broker 0.95': average cores busy, per process."""
@@ -143,6 +197,9 @@ class CpuMeter:
             return ""
         parts = [f"{n} {s / self.wall:.2f}" for n, s in self.used.items()]
         return "cores busy: " + ", ".join(parts)
+
+    def _read_written(self) -> dict[str, int]:
+        return {name: tree_written(p) for name, p in self.processes.items()}
 
     def _read(self) -> dict[str, float]:
         readings = {}

@@ -26,7 +26,7 @@ import psutil
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.procs import CpuMeter, broker_process
+from bench.procs import CpuMeter, broker_process, device_of
 from bench.registry import BenchmarkError, Figure, Options, RunContext, benchmark
 from bench.units import mb_per_s, size_name
 
@@ -110,6 +110,7 @@ class RoundTrip:
     publish_seconds: float
     total_seconds: float
     cores: str
+    disk: str = ""
 
 
 def file_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
@@ -222,7 +223,9 @@ async def round_trip(
         await sub_channel.set_qos(prefetch_count=settings.prefetch)
         acker = Acker(expected)
 
-        meter = CpuMeter({"broker": broker} if broker else {})
+        meter = CpuMeter(
+            {"broker": broker} if broker else {}, device=device_of(settings.work_dir)
+        )
         with meter.measure():
             started = time.perf_counter()
             if consume_while_publishing:
@@ -246,7 +249,12 @@ async def round_trip(
         await consumer.close()
         await publisher.close()
     return RoundTrip(
-        count, size, published - started, finished - started, meter.cores()
+        count,
+        size,
+        published - started,
+        finished - started,
+        meter.cores(),
+        meter.disk(size),
     )
 
 
@@ -346,7 +354,7 @@ def large_figure(kind: str, queue_type: str, chunk: int, run: RoundTrip) -> Figu
     rate = mb_per_s(run.payload_bytes, run.total_seconds)
     detail = (
         f"{run.messages} msgs ({run.messages / run.total_seconds:,.0f} msg/s) "
-        f"in {run.total_seconds:.2f} s; {run.cores}"
+        f"in {run.total_seconds:.2f} s; {run.cores}; {run.disk}"
     )
     return Figure(
         f"{kind}/{queue_type}/{chunk}",

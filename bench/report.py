@@ -33,6 +33,11 @@ RATIO_TARGETS: list[tuple[str, str, float]] = [
         0.8,
     ),
 ]
+# Not targets: a figure set beside the ceiling of a shared resource, to show
+# how much of it the run used.
+BOUND_RATIOS: list[tuple[str, str]] = [
+    (r"^disk/pipeline/\w+/\d+$", "disk/write"),
+]
 # A figure that must stay under a limit, in the figure's own unit.
 LIMIT_TARGETS: list[tuple[str, float, str]] = [
     (r"^mem/worker/", 150.0, "MB"),
@@ -67,6 +72,11 @@ def comparisons(figures: list[Figure]) -> list[Comparison]:
                         figure, ceiling, ratio, f">= {minimum:g}x", ratio >= minimum
                     )
                 )
+        for pattern, ceiling_key in BOUND_RATIOS:
+            ceiling = by_key.get(ceiling_key)
+            if re.match(pattern, figure.key) and ceiling and ceiling.value > 0:
+                ratio = figure.value / ceiling.value
+                found.append(Comparison(figure, ceiling, ratio, "", True))
         for pattern, limit, unit in LIMIT_TARGETS:
             if re.match(pattern, figure.key):
                 met = figure.value < limit
@@ -106,7 +116,7 @@ def comparison_cells(check: Comparison) -> list[str]:
         f"{check.ceiling.label}: {value_text(check.ceiling)}" if check.ceiling else ""
     )
     ratio = f"{check.ratio:.2f}x" if check.ratio is not None else ""
-    met = "yes" if check.met else "NO"
+    met = ("yes" if check.met else "NO") if check.target else "(no target)"
     return [
         check.figure.label,
         value_text(check.figure),

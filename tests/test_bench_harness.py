@@ -25,6 +25,7 @@ from bench.registry import BenchmarkError, Figure, Options  # noqa: E402
 from bench.report import (  # noqa: E402
     BEGIN,
     END,
+    comparison_cells,
     comparisons,
     markdown,
     value_text,
@@ -73,6 +74,23 @@ def test_a_pipeline_figure_is_held_against_the_ceiling_of_its_own_size() -> None
     assert checks[("pipeline/video/quorum/262144", "nats/putget")].met
     assert not checks[("mem/worker/262144", None)].met
     assert len(checks) == 3
+
+
+def test_disk_writes_are_set_beside_the_disk_ceiling_without_a_target() -> None:
+    """The pipeline's disk write rate is shown as a share of the disk ceiling,
+    and that row is never counted as a target met or missed."""
+    figures = [
+        Figure("disk/write", "disk", 400.0, "MB/s"),
+        Figure("disk/pipeline/quorum/262144", "pipeline disk", 300.0, "MB/s"),
+    ]
+
+    (check,) = comparisons(figures)
+
+    assert check.ceiling is not None
+    assert check.ceiling.key == "disk/write"
+    assert check.ratio == pytest.approx(0.75)
+    assert check.target == ""
+    assert comparison_cells(check)[-1] == "(no target)"
 
 
 def test_writing_the_doc_keeps_what_is_outside_the_markers(tmp_path: Path) -> None:
@@ -161,10 +179,11 @@ def test_an_unknown_part_is_refused_with_the_choices() -> None:
 
 
 def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> None:
-    """A 2 MiB video goes through gateway and worker; rate and memory are saved."""
+    """A 2 MiB video goes through gateway and worker; rate, memory and the disk
+    writes it caused are saved beside the disk's own ceiling."""
     saved = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--parts", "pipeline", "--size", "2M",
+        [sys.executable, "-m", "bench", "--parts", "disk,pipeline", "--size", "2M",
          "--chunk-sizes", "256K", "--json", str(saved), "--work-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
@@ -172,11 +191,17 @@ def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     figures = {f["key"]: f for f in json.loads(saved.read_text())["figures"]}
     assert set(figures) == {
-        "pipeline/video/quorum/262144", "mem/gateway/262144", "mem/worker/262144",
+        "disk/write", "pipeline/video/quorum/262144", "mem/gateway/262144",
+        "mem/worker/262144", "disk/pipeline/quorum/262144",
     }  # fmt: skip
     assert figures["pipeline/video/quorum/262144"]["value"] > 0
     assert "SHA-256 verified" in figures["pipeline/video/quorum/262144"]["detail"]
+    assert "disk writes per payload byte" in (
+        figures["pipeline/video/quorum/262144"]["detail"]
+    )
     assert figures["mem/worker/262144"]["value"] > 10
+    assert figures["disk/write"]["value"] > 0
+    assert "allows at most" in figures["disk/pipeline/quorum/262144"]["detail"]
 
 
 def test_sigterm_removes_the_vhost_and_stops_the_services(tmp_path: Path) -> None:
