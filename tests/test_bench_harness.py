@@ -195,10 +195,9 @@ def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> N
         "mem/worker/262144", "disk/pipeline/quorum/262144",
     }  # fmt: skip
     assert figures["pipeline/video/quorum/262144"]["value"] > 0
-    assert "SHA-256 verified" in figures["pipeline/video/quorum/262144"]["detail"]
-    assert "disk writes per payload byte" in (
-        figures["pipeline/video/quorum/262144"]["detail"]
-    )
+    transfer = figures["pipeline/video/quorum/262144"]["detail"]
+    assert "SHA-256 verified" in transfer
+    assert "disk writes per payload byte" in transfer
     assert figures["mem/worker/262144"]["value"] > 10
     assert figures["disk/write"]["value"] > 0
     assert "allows at most" in figures["disk/pipeline/quorum/262144"]["detail"]
