@@ -195,7 +195,9 @@ class Worker:
                 await _settle(delivery.message.nack(requeue=True))
             return
 
-        for index, delivery in enumerate(batch):
+        requeued: set[int] = set()
+        for index in sorted({*result.poison, *result.conflicts}):
+            delivery = batch[index]
             try:
                 if index in result.poison:
                     await self._dead_letter(delivery, result.poison[index])
@@ -206,8 +208,14 @@ class Worker:
                 log.warning("packet.dead_letter_failed", error=repr(exc))
                 metrics.WORKER.error("dead_letter_failed")
                 await _settle(delivery.message.nack(requeue=True))
-                continue
-            await _settle(delivery.message.ack())
+                requeued.add(index)
+
+        # One ack frame for the whole batch: batches are settled one at a
+        # time, in delivery order, so every unsettled delivery up to this
+        # tag on the channel belongs to this batch and is staged.
+        acked = [d for i, d in enumerate(batch) if i not in requeued]
+        if acked:
+            await _settle(acked[-1].message.ack(multiple=True))
 
         self.stats["packets"] += result.packets
         self.stats["duplicates"] += result.duplicates
