@@ -104,7 +104,6 @@ class StoredEvents:
         body = json.loads(message.body)
         self.arrivals.setdefault(str(body.get("file_id")), (arrived, body))
         self.changed.set()
-        await message.ack()
 
     async def wait_for(
         self, file_id: str, within: float
@@ -642,7 +641,9 @@ async def stored_events(
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key=routing_key)
-        await queue.consume(events.on_message)
+        # Unacked delivery: an ack per event would put one more socket write
+        # per file into the harness that times the files.
+        await queue.consume(events.on_message, no_ack=True)
         yield events
     finally:
         await connection.close()
