@@ -413,3 +413,53 @@ def test_a_small_text_file_with_the_wrong_digest_fails(catalog: Catalog) -> None
 
     assert result.finished[0].state == "failed"
     assert catalog.text("liar") is None
+
+
+def test_a_whole_text_file_in_one_batch_is_recorded_like_any_other(
+    catalog: Catalog,
+) -> None:
+    """A text file whose packets all come in one batch is stored with the
+    first packet's fields, a repeated packet counts as a duplicate, and a
+    late copy finds the file stored."""
+    fields: dict[str, Any] = {
+        "file_name": "drive.log",
+        "device_id": "robot-7",
+        "metadata": {"route": 12},
+    }
+    text = [packet("whole", s, 2, b"ab" * s, "text", **fields) for s in (1, 2, 2)]
+
+    result = catalog.stage([(p, None) for p in text], INLINE_LIMIT, 1024)
+
+    assert [(o.packet.seq, o.status) for o in result.outcomes] == [
+        (1, "staged"),
+        (2, "staged"),
+        (2, "duplicate"),
+    ]
+    [record] = result.finished
+    assert catalog.get("whole") == record
+    assert (record.state, record.received, record.size) == (STORED, 2, 6)
+    assert (record.device_id, record.metadata) == ("robot-7", {"route": 12})
+    assert catalog.text("whole") == b"ababab"
+    late = catalog.stage([(text[0], None)], INLINE_LIMIT, 1024)
+    assert [o.status for o in late.outcomes] == ["duplicate"]
+    assert late.finished == []
+
+
+def test_a_text_file_split_over_batches_is_stored_by_the_one_that_completes_it(
+    catalog: Catalog,
+) -> None:
+    """When part of a text file was staged before, the batch that brings the
+    rest stores it from the staged chunks, the repeat counted once."""
+    first = packet("split", 1, 2, b"ab", "text")
+    second = packet("split", 2, 2, b"cd", "text")
+    catalog.stage([(first, None)], INLINE_LIMIT, 1024)
+
+    result = catalog.stage([(first, None), (second, None)], INLINE_LIMIT, 1024)
+
+    assert [(o.packet.seq, o.status) for o in result.outcomes] == [
+        (1, "duplicate"),
+        (2, "staged"),
+    ]
+    assert [r.state for r in result.finished] == [STORED]
+    assert catalog.text("split") == b"abcd"
+    assert catalog.received_seqs("split") == []

@@ -7,6 +7,7 @@ worker can pick up any file where another left it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -215,13 +216,17 @@ class Catalog:
             # worker, so two workers staging the same files cannot deadlock.
             for file_id in sorted(by_file):
                 indexes = sorted(by_file[file_id], key=lambda i: staged[i][0].seq)
-                done, complete = self._stage_file(
-                    txn, [staged[i] for i in indexes], inline_limit, now
-                )
+                group = [staged[i] for i in indexes]
+                whole = self._store_whole_text(txn, group, finish_text_up_to, now)
+                if whole is not None:
+                    done, stored = whole
+                    result.finished.append(stored)
+                else:
+                    done, complete = self._stage_file(txn, group, inline_limit, now)
+                    if complete:
+                        result.complete.add(file_id)
                 for index, outcome in zip(indexes, done, strict=True):
                     outcomes[index] = outcome
-                if complete:
-                    result.complete.add(file_id)
             for file_id in sorted(result.complete):
                 record = self._finish_small_text(txn, file_id, finish_text_up_to, now)
                 if record is not None:
@@ -229,6 +234,82 @@ class Catalog:
                     result.complete.discard(file_id)
         result.outcomes = [outcome for outcome in outcomes if outcome is not None]
         return result
+
+    def _store_whole_text(
+        self,
+        txn: Transaction,
+        packets: Sequence[tuple[Packet, str | None]],
+        limit: int,
+        now: float,
+    ) -> tuple[list[StageOutcome], FileRecord] | None:
+        """Store a small text file whose every packet is in this batch, with no
+        chunk rows; None when the file needs the usual path.
+
+        Only a file the catalog has never seen qualifies: the stored file's
+        row, inserted here, is what any other worker holding one of its
+        packets then finds, exactly as if the chunks had been staged first.
+        """
+        first = packets[0][0]
+        if first.type != "text":
+            return None
+        by_seq: dict[int, Packet] = {}
+        for packet, staged_name in packets:
+            if staged_name is not None or packet.total_seq != first.total_seq:
+                return None
+            if packet.type != first.type:
+                return None
+            by_seq.setdefault(packet.seq, packet)
+        if len(by_seq) != first.total_seq:
+            return None
+        content = b"".join(by_seq[seq].data for seq in range(1, first.total_seq + 1))
+        if len(content) > limit:
+            return None
+
+        record = self._new_stored_text(first, content, now)
+        inserted = txn.execute(
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES "
+            f"({', '.join('?' * len(FileRecord.__dataclass_fields__))}) "
+            "ON CONFLICT (file_id) DO NOTHING",
+            _row(record),
+        ).rowcount
+        if inserted != 1:
+            return None
+        if not record.error:
+            self._store_text(txn, record, content, record.sha256 or "", now)
+
+        repeated = StageOutcome(first, "duplicate", "chunk already staged")
+        outcomes = []
+        for packet, _ in packets:
+            if by_seq.pop(packet.seq, None) is packet:
+                outcomes.append(StageOutcome(packet, "staged"))
+            else:
+                outcomes.append(dataclasses.replace(repeated, packet=packet))
+        return outcomes, record
+
+    @staticmethod
+    def _new_stored_text(first: Packet, content: bytes, now: float) -> FileRecord:
+        sha256 = hashlib.sha256(content).hexdigest()
+        error = integrity_error(sha256, first.file_sha256)
+        return FileRecord(
+            file_id=first.file_id,
+            type=first.type,
+            total_seq=first.total_seq,
+            received=first.total_seq,
+            received_bytes=len(content),
+            state=FAILED if error else STORED,
+            file_name=first.file_name,
+            content_type=first.content_type,
+            device_id=first.device_id,
+            expected_sha256=first.file_sha256,
+            metadata=first.metadata,
+            size=len(content),
+            sha256=sha256,
+            location=None if error else TEXT_LOCATION + first.file_id,
+            error=error,
+            created_at=now,
+            updated_at=now,
+            stored_at=None if error else now,
+        )
 
     def _finish_small_text(
         self, txn: Transaction, file_id: str, limit: int, now: float
@@ -606,6 +687,14 @@ def _filters(**conditions: Any) -> tuple[str, list[Any]]:
         params.append(value)
     where = "WHERE " + " AND ".join(clauses) if clauses else ""
     return where, params
+
+
+def _row(record: FileRecord) -> tuple[Any, ...]:
+    """A record as the values of FILE_COLUMNS, metadata as the JSON stored."""
+    values = record.to_json()
+    if values["metadata"] is not None:
+        values["metadata"] = json.dumps(values["metadata"])
+    return tuple(values.values())
 
 
 def _record(row: Sequence[Any]) -> FileRecord:
