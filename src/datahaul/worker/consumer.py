@@ -330,9 +330,11 @@ class Worker:
             else:
                 sent.append(record.file_id)
         if sent:
+            # On the staging thread: a second thread writing the same SQLite
+            # file makes staging wait in SQLite's busy handler, which sleeps.
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
-                self._final_pool, self.catalog.mark_events_sent, sent
+                self._stage_pool, self.catalog.mark_events_sent, sent
             )
 
     async def _publish_event(
