@@ -28,6 +28,7 @@ class LocalDatabase:
         self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{path.stem}")
         self._connection: sqlite3.Connection | None = None
+        self._synchronous = synchronous
         self._pool.submit(self._open, schema, synchronous, page_size).result()
 
     def _open(self, schema: str, synchronous: str, page_size: int) -> None:
@@ -43,20 +44,39 @@ class LocalDatabase:
         """Run `work` on the database thread and wait (for startup code)."""
         return self._pool.submit(self._in_transaction, work).result()
 
-    async def run(self, work: Callable[[sqlite3.Connection], Result]) -> Result:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._in_transaction, work)
+    async def run(
+        self, work: Callable[[sqlite3.Connection], Result], *, durable: bool = True
+    ) -> Result:
+        """Run `work` in a transaction on the database thread.
 
-    def _in_transaction(self, work: Callable[[sqlite3.Connection], Result]) -> Result:
+        `durable=False` commits without waiting for the disk: in WAL mode
+        such a commit can be lost to a power cut, never half applied, and
+        the next durable commit makes it durable too. It is for changes
+        whose loss is harmless, such as forgetting rows already delivered.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self._in_transaction, work, durable
+        )
+
+    def _in_transaction(
+        self, work: Callable[[sqlite3.Connection], Result], durable: bool = True
+    ) -> Result:
         connection = self._connection
         assert connection is not None
-        connection.execute("BEGIN")
+        if not durable:
+            connection.execute("PRAGMA synchronous=NORMAL")
         try:
-            result = work(connection)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+            connection.execute("BEGIN")
+            try:
+                result = work(connection)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        finally:
+            if not durable:
+                connection.execute(f"PRAGMA synchronous={self._synchronous}")
         return result
 
     def close(self) -> None:

@@ -1,0 +1,61 @@
+"""The gateway's local SQLite files: transactions on one thread, durable by default."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from datahaul.gateway.local_db import LocalDatabase
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, note TEXT);"
+FULL = 2
+
+
+def synchronous(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def insert(note: str) -> Callable[[sqlite3.Connection], object]:
+    return lambda db: db.execute("INSERT INTO rows (note) VALUES (?)", (note,))
+
+
+def count(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[LocalDatabase]:
+    opened = LocalDatabase(tmp_path / "local.db", SCHEMA, synchronous="FULL")
+    yield opened
+    opened.close()
+
+
+async def test_a_commit_that_does_not_wait_for_the_disk_still_applies(
+    database: LocalDatabase,
+) -> None:
+    """durable=False commits the change, and the next transaction waits for
+    the disk again."""
+    await database.run(insert("forget me"), durable=False)
+
+    assert await database.run(count) == 1
+    assert await database.run(synchronous) == FULL
+
+
+async def test_a_failed_transaction_rolls_back_and_restores_durability(
+    database: LocalDatabase,
+) -> None:
+    """A failing non-durable transaction leaves nothing behind, not even its
+    relaxed setting."""
+
+    def fail(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO rows (note) VALUES ('half')")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await database.run(fail, durable=False)
+
+    assert await database.run(count) == 0
+    assert await database.run(synchronous) == FULL
