@@ -91,8 +91,10 @@ class Ledger:
         while len(self._shapes) > self._remembered:
             self._shapes.popitem(last=False)
 
-    async def record(self, packets: Sequence[Packet]) -> None:
-        await self._writes.submit(*packets)
+    def record(self, packets: Sequence[Packet]) -> None:
+        """Note accepted packets in the next commit; the answer to the client
+        does not wait for it, as a lost note only costs a re-sent packet."""
+        self._writes.put(*packets)
 
     async def status(self, file_id: str) -> dict[str, Any] | None:
         await self._writes.flush()
@@ -102,7 +104,8 @@ class Ledger:
         cutoff = time.time() - seconds
         return await self.db.run(lambda db: _forget(db, cutoff))
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self._writes.flush()
         self.db.close()
 
 

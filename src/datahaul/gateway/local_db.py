@@ -14,6 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import structlog
+
+log = structlog.get_logger("datahaul.gateway")
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -103,7 +107,7 @@ class GroupCommit(Generic[Item]):
     ) -> None:
         self._database = database
         self._write = write
-        self._pending: list[tuple[Item, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Item, asyncio.Future[None] | None]] = []
         self._flushing: asyncio.Task[None] | None = None
 
     async def submit(self, *items: Item) -> None:
@@ -114,9 +118,18 @@ class GroupCommit(Generic[Item]):
             future: asyncio.Future[None] = loop.create_future()
             self._pending.append((item, future))
             futures.append(future)
+        self._start_flushing()
+        await asyncio.gather(*futures)
+
+    def put(self, *items: Item) -> None:
+        """Queue items for the next commit without waiting for it; a commit
+        that fails is logged, as nobody waits to hear of it."""
+        self._pending.extend((item, None) for item in items)
+        self._start_flushing()
+
+    def _start_flushing(self) -> None:
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
-        await asyncio.gather(*futures)
 
     async def flush(self) -> None:
         while self._flushing is not None and not self._flushing.done():
@@ -137,12 +150,17 @@ class GroupCommit(Generic[Item]):
 
 
 def _settle(
-    group: list[tuple[Any, asyncio.Future[None]]], error: Exception | None
+    group: list[tuple[Any, asyncio.Future[None] | None]], error: Exception | None
 ) -> None:
+    unheard = 0
     for _, future in group:
-        if future.done():
+        if future is None:
+            unheard += 1
+        elif future.done():
             continue
-        if error is None:
+        elif error is None:
             future.set_result(None)
         else:
             future.set_exception(error)
+    if error is not None and unheard:
+        log.error("local_db.commit_failed", items=unheard, error=repr(error))

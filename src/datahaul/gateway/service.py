@@ -82,7 +82,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.publisher.close()
         self.outbox.close()
-        self.ledger.close()
+        await self.ledger.close()
 
     async def accept(self, packets: Sequence[Packet]) -> Accepted:
         """Publish or buffer checked packets; OutboxFull when neither can take them."""
@@ -98,7 +98,7 @@ class Gateway:
             if isinstance(outcome, BaseException):
                 raise outcome
             buffered += outcome
-        await self.ledger.record(packets)
+        self.ledger.record(packets)
 
         self.counters["accepted"] += len(packets)
         self.counters["buffered"] += buffered
