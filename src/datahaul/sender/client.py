@@ -59,7 +59,7 @@ from datahaul.sender.retry import Outcome, RetryPolicy, classify
 
 log = structlog.get_logger("datahaul.sender")
 
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = 16
 INLINE_LIMIT = 64 * KiB
 BATCH_BYTES = 256 * KiB
 BATCH_PACKETS = 500
