@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -40,6 +41,8 @@ from datahaul.storage.catalog import (
 log = structlog.get_logger("datahaul.worker")
 
 UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+# Below this, a thread hop costs more than the hashing it would overlap.
+THREADED_HASH_BYTES = 64 * 1024
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Assembler:
         self.staging = staging
         self.blobs = blobs
         self.owner = owner
+        self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="hash")
 
     def stage(self, packets: Sequence[Packet]) -> StageResult:
         """Make packets durable: large payloads to staging, then the catalog.
@@ -184,6 +188,9 @@ class Assembler:
         """The file's bytes in seq order, hashed on the way, lease kept alive."""
         expected_seq = 1
         renew_at = time.monotonic() + self.settings.lease_seconds / 3
+        # A large block is hashed in another thread while the caller writes
+        # it (hashlib lets go of the GIL); updates stay one at a time, in order.
+        hashing: Future[None] | None = None
         for chunk in self.catalog.chunks(record.file_id):
             if chunk.seq != expected_seq:
                 raise StorageError(
@@ -199,7 +206,13 @@ class Assembler:
                     f"staged chunk {chunk.seq} of {record.file_id} has "
                     f"{len(data)} bytes, {chunk.size} were recorded"
                 )
-            hasher.update(data)
+            if hashing is not None:
+                hashing.result()
+                hashing = None
+            if len(data) >= THREADED_HASH_BYTES:
+                hashing = self._hash_pool.submit(hasher.update, data)
+            else:
+                hasher.update(data)
             yield data
 
             if time.monotonic() > renew_at:
@@ -208,6 +221,8 @@ class Assembler:
                 ):
                     raise StorageError(f"lost the lease on {record.file_id}")
                 renew_at = time.monotonic() + self.settings.lease_seconds / 3
+        if hashing is not None:
+            hashing.result()
 
     def _read_staged(self, file_id: str, chunk: StagedChunk) -> bytes:
         segment, _, offset = (chunk.staged_name or "").partition("@")
@@ -215,6 +230,9 @@ class Assembler:
         return b"".join(
             self.staging.open_range(f"{file_id}/{segment}", start, start + chunk.size)
         )
+
+    def close(self) -> None:
+        self._hash_pool.shutdown(wait=True)
 
     def sweep_staging(self) -> None:
         """Remove staged chunks of files that no longer need them.

@@ -107,6 +107,7 @@ class Worker:
                 await sweeper
             self._stage_pool.shutdown(wait=True, cancel_futures=True)
             self._final_pool.shutdown(wait=True, cancel_futures=True)
+            self.assembler.close()
             self.catalog.close()
 
     async def _consume_forever(self) -> None:
