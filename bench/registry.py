@@ -137,5 +137,9 @@ def write_random_file(path: Path, size: int) -> SourceFile:
             digest.update(data)
             out.write(data)
             remaining -= len(data)
+        # On disk before any part starts, so that no part's disk figures
+        # count the writeback of its own source.
+        out.flush()
+        os.fsync(out.fileno())
     log.info("bench.source_written", path=str(path), size=size_name(size))
     return SourceFile(path, size, digest.hexdigest())
