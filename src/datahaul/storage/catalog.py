@@ -7,7 +7,6 @@ worker can pick up any file where another left it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -252,11 +251,10 @@ class Catalog:
         first = packets[0][0]
         if first.type != "text":
             return None
+        shape = (first.type, first.total_seq)
         by_seq: dict[int, Packet] = {}
         for packet, staged_name in packets:
-            if staged_name is not None or packet.total_seq != first.total_seq:
-                return None
-            if packet.type != first.type:
+            if staged_name is not None or (packet.type, packet.total_seq) != shape:
                 return None
             by_seq.setdefault(packet.seq, packet)
         if len(by_seq) != first.total_seq:
@@ -277,13 +275,14 @@ class Catalog:
         if not record.error:
             self._store_text(txn, record, content, record.sha256 or "", now)
 
-        repeated = StageOutcome(first, "duplicate", "chunk already staged")
         outcomes = []
         for packet, _ in packets:
             if by_seq.pop(packet.seq, None) is packet:
                 outcomes.append(StageOutcome(packet, "staged"))
             else:
-                outcomes.append(dataclasses.replace(repeated, packet=packet))
+                outcomes.append(
+                    StageOutcome(packet, "duplicate", "chunk already staged")
+                )
         return outcomes, record
 
     @staticmethod
