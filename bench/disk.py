@@ -1,9 +1,9 @@
-"""The disk ceiling: how fast this machine's disk takes durable writes.
+"""The disk's rate for durable writes, as a reference for the transfers.
 
 A quorum queue fsyncs what it confirms, and a worker fsyncs what it stages
-before it acks, so on one disk the broker and the workers share this rate.
-Set beside the disk writes each run counts per payload byte, it says how
-fast a pipeline that writes every byte N times can go at most.
+before it acks, so on one disk the broker and the workers share it. It is
+not a hard ceiling: how much a write pattern gets out of the disk depends
+on how much it writes per fsync, and 8 MiB blocks are one such pattern.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ BROKER_DIR = Path("/var/lib/rabbitmq")
 
 @benchmark(
     "disk",
-    "sequential writes, each 8 MiB block fdatasync'ed (the disk ceiling)",
+    "sequential writes, each 8 MiB block fdatasync'ed (the disk's durable rate)",
     order=5,
 )
-async def disk_ceiling(context: RunContext) -> list[Figure]:
+async def disk_rate(context: RunContext) -> list[Figure]:
     size = min(context.options.file_size, LARGEST)
     return [await asyncio.to_thread(measure, context.options.work_dir, size)]
 
 
 def measure(work_dir: Path, size: int) -> Figure:
-    seconds = timed_durable_write(work_dir / "disk-ceiling.bin", size)
+    seconds = timed_durable_write(work_dir / "disk-rate.bin", size)
     device = device_of(work_dir) or "unknown device"
     shared = device_of(BROKER_DIR) == device
     detail = (

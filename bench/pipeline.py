@@ -478,9 +478,9 @@ def disk_figures(
     ceiling = context.figure("disk/write")
     if ceiling is not None:
         detail += (
-            f"; at {per_byte:.1f} bytes written per payload byte, the disk ceiling "
-            f"of this run ({ceiling.value:.0f} MB/s) allows at most "
-            f"{ceiling.value / per_byte:.0f} MB/s end to end"
+            f"; the disk part of this run took {ceiling.value:.0f} MB/s of "
+            f"durable 8 MiB writes, which at {per_byte:.1f} bytes per payload "
+            f"byte is {ceiling.value / per_byte:.0f} MB/s of payload"
         )
     return [
         Figure(

@@ -33,7 +33,7 @@ RATIO_TARGETS: list[tuple[str, str, float]] = [
         0.8,
     ),
 ]
-# Not targets: a figure set beside the ceiling of a shared resource, to show
+# Not targets: a figure set beside the rate of a shared resource, to show
 # how much of it the run used.
 BOUND_RATIOS: list[tuple[str, str]] = [
     (r"^disk/pipeline/\w+/\d+$", "disk/write"),

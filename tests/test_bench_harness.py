@@ -200,7 +200,7 @@ def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> N
     assert "disk writes per payload byte" in transfer
     assert figures["mem/worker/262144"]["value"] > 10
     assert figures["disk/write"]["value"] > 0
-    assert "allows at most" in figures["disk/pipeline/quorum/262144"]["detail"]
+    assert "MB/s of payload" in figures["disk/pipeline/quorum/262144"]["detail"]
 
 
 def test_sigterm_removes_the_vhost_and_stops_the_services(tmp_path: Path) -> None:
