@@ -325,7 +325,8 @@ def outbox_figures(
             f"forwarded in {drained.drain_seconds:.2f} s from the link's "
             f"return (/healthz polled every {POLL_SECONDS * 1000:.0f} ms; the "
             f"reconnect took {drained.reconnect_seconds:.2f} s and is not counted); "
-            f"the queue then held {queued} packets; {drained.cores}",
+            f"the queue then held {queued} packets (emptied after the send with "
+            f"the link up); {drained.cores}",
         )
     )
     peaks = {

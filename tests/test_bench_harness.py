@@ -426,7 +426,7 @@ def test_the_packet_parts_measure_small_files_outbox_and_latency(
         "latency/text/max",
     }  # fmt: skip
     assert "600 packets in 30 files" in figures["pipeline/text/quorum/1024"]["detail"]
-    assert "held 32 packets" in figures["outbox/drain/quorum/262144"]["detail"]
+    assert "held 16 packets" in figures["outbox/drain/quorum/262144"]["detail"]
     p50, p99 = figures["latency/text/p50"], figures["latency/text/p99"]
     assert 0 < p50["value"] <= p99["value"] <= figures["latency/text/max"]["value"]
     assert list(work.iterdir()) == []
