@@ -13,9 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from datahaul import metrics
-from datahaul.broker.publisher import ConfirmingPublisher, Outgoing
-from datahaul.errors import BrokerError
+from datahaul.broker.publisher import Outgoing
 from datahaul.protocol.packet import Packet
 
 # Partial bundles allowed to wait for confirms at once; a full bundle never
@@ -25,7 +23,9 @@ PARTIAL_IN_FLIGHT = 2
 FRAME_OVERHEAD = 200
 
 BundleMaker = Callable[[str, list[Packet]], Outgoing]
-Buffer = Callable[[Sequence[Outgoing]], Awaitable[None]]
+# Publishes messages or keeps them in the outbox; says how many packets
+# went to the outbox (the gateway's own path for every message).
+Send = Callable[[list[Outgoing]], Awaitable[int]]
 
 
 @dataclass
@@ -43,15 +43,8 @@ class Coalescer:
     outbox raised (OutboxFull) when a bundle could go to neither.
     """
 
-    def __init__(
-        self,
-        publisher: ConfirmingPublisher,
-        buffer: Buffer,
-        make_bundle: BundleMaker,
-        bundle_bytes: int,
-    ) -> None:
-        self._publisher = publisher
-        self._buffer = buffer
+    def __init__(self, send: Send, make_bundle: BundleMaker, bundle_bytes: int) -> None:
+        self._send_messages = send
         self._make_bundle = make_bundle
         self._bundle_bytes = bundle_bytes
         self._waiting: dict[str, _Waiting] = {}
@@ -98,7 +91,7 @@ class Coalescer:
     async def _deliver(self, data_type: str, waiting: _Waiting, full: bool) -> None:
         message = self._make_bundle(data_type, waiting.packets)
         try:
-            buffered = await self._publish_or_buffer(message)
+            buffered = await self._send_messages([message]) > 0
         except Exception as exc:
             _answer(waiting.answers, exc)
         else:
@@ -107,18 +100,6 @@ class Coalescer:
             if not full:
                 self._partial_in_flight -= 1
             self._send_partials()
-
-    async def _publish_or_buffer(self, message: Outgoing) -> bool:
-        try:
-            if not self._publisher.link_up:
-                raise BrokerError("RabbitMQ link is down")
-            await self._publisher.publish(message)
-        except BrokerError:
-            await self._buffer([message])
-            metrics.GATEWAY.record_sent([message], buffered=True)
-            return True
-        metrics.GATEWAY.record_sent([message], buffered=False)
-        return False
 
 
 def _answer(answers: list[asyncio.Future[bool]], outcome: bool | Exception) -> None:

@@ -57,7 +57,7 @@ class Gateway:
             settings, "datahaul-gateway", on_link_change=self._link_changed
         )
         self.coalescer = Coalescer(
-            self.publisher, self.outbox.put, bundle_message, settings.bundle_bytes
+            self._publish_or_buffer, bundle_message, settings.bundle_bytes
         )
         self.started_at = time.time()
         self.counters = {"accepted": 0, "published": 0, "buffered": 0, "rejected": 0}
@@ -90,7 +90,9 @@ class Gateway:
         small = [p for p in packets if self.coalescer.takes(p)]
         large = [p for p in packets if not self.coalescer.takes(p)]
 
-        sending = [self._publish_or_buffer(plan_messages(large, self.settings))]
+        sending = []
+        if large:
+            sending.append(self._publish_or_buffer(plan_messages(large, self.settings)))
         if small:
             sending.append(self.coalescer.submit(small))
         buffered = 0
@@ -109,6 +111,7 @@ class Gateway:
     async def _publish_or_buffer(self, messages: list[Outgoing]) -> int:
         """Publish each message, keep the unconfirmed ones in the outbox, and
         say how many packets went there."""
+        published: list[Outgoing] = []
         failed: list[Outgoing] = []
         if self.publisher.link_up:
             results = await asyncio.gather(
@@ -119,12 +122,13 @@ class Gateway:
                     failed.append(message)
                 elif isinstance(result, BaseException):
                     raise result
+                else:
+                    published.append(message)
         else:
             failed = list(messages)
 
         if failed:
             await self.outbox.put(failed)
-        published = [m for m in messages if all(m is not f for f in failed)]
         metrics.GATEWAY.record_sent(published, buffered=False)
         metrics.GATEWAY.record_sent(failed, buffered=True)
         return sum(max(1, len(m.keys)) for m in failed)
