@@ -585,6 +585,27 @@ async def test_a_gateway_report_reaches_the_live_feed(client, amqp_url: str) -> 
     assert gateway["stale"] is False
 
 
+async def test_a_center_stopped_while_it_connects_leaves_no_connection_open(
+    tmp_path: Path, amqp_url: str
+) -> None:
+    """Stopping lands at every point of the broker handshake in turn; none
+    leaves a connection running for whoever closes the loop to tear down."""
+    settings = Settings.load(data_dir=tmp_path, amqp_url=amqp_url)
+    left_running: list[str] = []
+    for attempt in range(300):
+        async with TestClient(TestServer(create_app(settings))):
+            await asyncio.sleep((attempt % 50) * 0.0002)
+        await asyncio.sleep(0.02)
+
+        leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        left_running += [repr(t.get_coro()) for t in leftovers]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+
+    assert left_running == []
+
+
 def test_reports_turn_stale_then_are_forgotten() -> None:
     """A gateway that stops reporting is marked stale, and later dropped."""
     now = [1000.0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -16,12 +17,19 @@ from datahaul.errors import BrokerError
 log = structlog.get_logger("datahaul.broker")
 
 CONNECT_TIMEOUT = 5.0
+# Only for a connection nobody will use: a stop must not hang on a mute node.
+ABANDON_TIMEOUT = 1.0
 DEFAULT_HEARTBEAT = 15
 BROKER_FAILURES: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     aio_pika.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,
+)
+
+CANCELLED_OR_FAILED: tuple[type[BaseException], ...] = (
+    asyncio.CancelledError,
+    *BROKER_FAILURES,
 )
 
 
@@ -43,11 +51,7 @@ class NodeRing:
         for index in itertools.islice(order, len(self.urls)):
             url = self.urls[index]
             try:
-                connection = await aio_pika.connect(
-                    with_heartbeat(url),
-                    timeout=CONNECT_TIMEOUT,
-                    client_properties={"connection_name": self.name},
-                )
+                connection = await self._connect_to(url)
             except BROKER_FAILURES as exc:
                 failures.append(f"{redact(url)}: {exc or type(exc).__name__}")
                 continue
@@ -55,9 +59,36 @@ class NodeRing:
             return connection
         raise BrokerError("could not reach RabbitMQ at " + "; ".join(failures))
 
+    async def _connect_to(self, url: str) -> AbstractConnection:
+        attempt = asyncio.ensure_future(self._open(url))
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # A cancel that lands inside the client's handshake leaves a socket
+            # and its reader running with nobody holding them, to be torn down
+            # by whoever closes the loop. Let the handshake end, then close.
+            await _close_when_done(attempt)
+            raise
+
+    async def _open(self, url: str) -> AbstractConnection:
+        return await aio_pika.connect(
+            with_heartbeat(url),
+            timeout=CONNECT_TIMEOUT,
+            client_properties={"connection_name": self.name},
+        )
+
     def skip_current(self) -> None:
         """Start the next attempt at another node (the current one misbehaved)."""
         self._start = (self._start + 1) % len(self.urls)
+
+
+async def _close_when_done(attempt: asyncio.Future[AbstractConnection]) -> None:
+    try:
+        connection = await asyncio.wait_for(attempt, CONNECT_TIMEOUT)
+    except CANCELLED_OR_FAILED:
+        return
+    with contextlib.suppress(*BROKER_FAILURES):
+        await asyncio.wait_for(connection.close(), ABANDON_TIMEOUT)
 
 
 def with_heartbeat(url: str) -> str:
