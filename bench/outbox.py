@@ -1,13 +1,13 @@
 """Store-and-forward: the gateway's accept rate with its broker link cut, and
 how fast its outbox drains once the link is back.
 
-One `datahaul gateway`, in a fresh vhost and data directory, reaches
-RabbitMQ through a FaultProxy (datahaul.faults.proxy) in this process. The
-real sender (bench.drive) sends one file of the outbox size while the link
-is up (the gateway's normal rate, every packet published), then another
-after the proxy reset the link and refuses new connections (every answer
-must be 202: the packets are in the outbox). Then the proxy lets the link
-through again and /healthz is polled until the outbox is empty. No worker
+One `datahaul gateway`, in a fresh vhost and data directory, talks to
+RabbitMQ directly, as the bare client does. The real sender (bench.drive)
+sends one file of the outbox size while the link is up (the gateway's
+normal rate, every packet published), then another after the broker
+closed the gateway's connection and refuses it the vhost (every answer
+must be 202: the packets are in the outbox). Then the vhost is given back
+and /healthz is polled until the outbox is empty. No worker
 runs, as no consumer runs under the bare publish ceiling; the queue must
 then hold every packet of both files, and is purged.
 """
@@ -36,7 +36,7 @@ from bench.pipeline import (
     wait_healthy,
 )
 from bench.procs import CpuMeter, broker_process, sampled, tree_high_water
-from bench.rabbit import fresh_vhost
+from bench.rabbit import VhostLink, fresh_vhost
 from bench.registry import (
     BenchmarkError,
     Figure,
@@ -46,7 +46,6 @@ from bench.registry import (
 )
 from bench.units import MB, flag_name, mb_per_s, size_name
 from datahaul.broker.topology import queue_for
-from datahaul.faults.proxy import FaultProxy
 
 log = structlog.get_logger("datahaul.bench")
 
@@ -105,25 +104,25 @@ async def outbox(context: RunContext) -> list[Figure]:
     gateway_url = f"http://127.0.0.1:{port}"
 
     async with fresh_vhost(options.amqp_url, "outbox") as amqp_url:
-        proxy = await asyncio.to_thread(FaultProxy.for_url, amqp_url)
+        link = VhostLink(amqp_url)
+        env = os.environ | {
+            "DATAHAUL_AMQP_URL": amqp_url,
+            "DATAHAUL_DATA_DIR": str(data_dir),
+            "DATAHAUL_QUEUE_TYPE": options.queue_type,
+        }
+        args = ["gateway", "--port", str(port)]
         try:
-            env = os.environ | {
-                "DATAHAUL_AMQP_URL": proxy.url_for(amqp_url),
-                "DATAHAUL_DATA_DIR": str(data_dir),
-                "DATAHAUL_QUEUE_TYPE": options.queue_type,
-            }
-            args = ["gateway", "--port", str(port)]
             async with service("gateway", args, env, data_dir) as gateway:
                 normal, cut, drained, purged = await cut_and_drain(
                     context,
                     gateway,
                     gateway_url,
-                    (proxy, amqp_url),
+                    (link, amqp_url),
                     (normal_file, cut_file),
                 )
                 high_water = tree_high_water(gateway.watch())
         finally:
-            await asyncio.to_thread(proxy.close)
+            await link.restore()
         queued = await purge(amqp_url, queue_for("video"))
 
     if purged < normal.packets or queued < cut.packets:
@@ -139,15 +138,14 @@ async def cut_and_drain(
     context: RunContext,
     gateway: Service,
     gateway_url: str,
-    link: tuple[FaultProxy, str],
+    link: tuple[VhostLink, str],
     files: tuple[Path, Path],
 ) -> tuple[Accepting, Accepting, Drain, int]:
     """The two sends and the drain; also how many packets the first left queued.
 
-    `link` is the proxy the gateway reaches the broker through, and the
-    broker's own URL behind it.
+    `link` is the gateway's way into its vhost, and that vhost's URL.
     """
-    proxy, amqp_url = link
+    vhost_link, amqp_url = link
     normal_file, cut_file = files
     deadline = time.monotonic() + READY_TIMEOUT
     await wait_healthy(gateway, gateway_url, deadline)
@@ -167,7 +165,7 @@ async def cut_and_drain(
         # which publishes into an empty queue.
         purged = await purge(amqp_url, queue_for("video"))
 
-        await asyncio.to_thread(proxy.refuse, cut_open=True)
+        await vhost_link.cut()
         await health.until(lambda h: h["broker"] == "down", "the link is down")
         log.info("bench.outbox_link", state="cut", normal_rate=round(normal.rate()))
         cut = await accept(context, gateway, gateway_url, cut_file)
@@ -184,7 +182,7 @@ async def cut_and_drain(
                 f"outbox holds {held['outbox']['packets']}"
             )
 
-        drained = await drain(health, gateway, proxy, held["outbox"])
+        drained = await drain(health, gateway, vhost_link, held["outbox"])
     return normal, cut, drained, purged
 
 
@@ -201,9 +199,7 @@ async def accept(
         work_dir=options.work_dir,
         timeout=options.timeout,
     ) as sender:
-        meter = CpuMeter(
-            {"sender": sender.process} | busy(gateway), self_label="harness (proxy)"
-        )
+        meter = CpuMeter({"sender": sender.process} | busy(gateway), self_label=None)
         with meter.measure(), sampled({"gateway": gateway.watch()}) as sampler:
             await sender.go()
             sent = await sender.result()
@@ -218,12 +214,12 @@ def busy(gateway: Service) -> dict[str, psutil.Process]:
 
 
 async def drain(
-    health: Health, gateway: Service, proxy: FaultProxy, held: dict[str, Any]
+    health: Health, gateway: Service, link: VhostLink, held: dict[str, Any]
 ) -> Drain:
-    """Let the link through; time the reconnect and the drain to empty."""
-    meter = CpuMeter(busy(gateway), self_label="harness (proxy)")
+    """Give the link back; time the reconnect and the drain to empty."""
+    meter = CpuMeter(busy(gateway), self_label=None)
+    await link.restore()
     passed = time.perf_counter()
-    await asyncio.to_thread(proxy.pass_through)
     up = await health.until(lambda h: h["broker"] == "up", "the link is back")
     log.info("bench.outbox_link", state="back", packets=held["packets"])
     with meter.measure(), sampled({"gateway": gateway.watch()}) as sampler:

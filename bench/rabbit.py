@@ -34,6 +34,7 @@ log = structlog.get_logger("datahaul.bench")
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 VHOST_DELETE_RETRIES = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+ALL_RIGHTS = (".*", ".*", ".*")
 
 
 # --- vhosts -----------------------------------------------------------------
@@ -68,7 +69,7 @@ async def fresh_vhost(base_url: str, purpose: str) -> AsyncIterator[str]:
     name = f"datahaul-bench-{purpose}-{os.getpid()}-{secrets.token_hex(3)}"
     await rabbitmqctl("add_vhost", name)
     try:
-        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        await rabbitmqctl("set_permissions", "-p", name, "guest", *ALL_RIGHTS)
         yield with_vhost(base_url, name)
     finally:
         await delete_vhost(name)
@@ -89,6 +90,34 @@ async def delete_vhost(name: str) -> None:
         error=last,
         remove_with=f"rabbitmqctl delete_vhost {name}",
     )
+
+
+class VhostLink:
+    """guest's way into one vhost, cut and given back at the broker itself.
+
+    Cutting takes guest's permissions on the vhost away and closes every
+    connection in it, so a client there finds the broker refusing it until
+    the permissions come back. Nothing sits between client and broker, as
+    nothing sits between the bare client and the broker.
+    """
+
+    def __init__(self, amqp_url: str) -> None:
+        self.vhost = vhost_of(amqp_url)
+
+    async def cut(self) -> None:
+        await rabbitmqctl("clear_permissions", "-p", self.vhost, "guest")
+        await rabbitmqctl(
+            "close_all_connections", "-p", self.vhost, "benchmark: broker link cut"
+        )
+
+    async def restore(self) -> None:
+        await rabbitmqctl("set_permissions", "-p", self.vhost, "guest", *ALL_RIGHTS)
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names ("/" when it names none)."""
+    path = urllib.parse.urlsplit(url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def with_vhost(url: str, vhost: str) -> str:
