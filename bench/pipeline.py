@@ -37,6 +37,7 @@ from bench.procs import (
     PeakSampler,
     broker_process,
     device_of,
+    payload_per_cpu_second,
     tree_high_water,
 )
 from bench.rabbit import fresh_vhost
@@ -186,7 +187,13 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
     # Two stored copies of a 4 GiB source per chunk size would fill /tmp.
     shutil.rmtree(data_dir, ignore_errors=True)
     figures = transfer_figures(options.queue_type, chunk, source, run, startup, checked)
-    return figures + disk_figures(context, options.queue_type, chunk, source, run)
+    return [
+        *figures,
+        *disk_figures(context, options.queue_type, chunk, source, run),
+        payload_per_cpu_second(
+            "pipeline", options.queue_type, chunk, source.size, run.meter
+        ),
+    ]
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,7 @@ class TransferRun:
     disk: str
     device_bytes: int
     seconds_metered: float
+    meter: CpuMeter
 
 
 async def timed_send(
@@ -246,6 +254,7 @@ async def timed_send(
         meter.disk(source.size),
         meter.device_bytes,
         meter.wall,
+        meter,
     )
 
 

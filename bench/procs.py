@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from bench.units import MB
+from bench.registry import Figure
+from bench.units import MB, size_name
 
 
 def members(process: psutil.Process) -> list[psutil.Process]:
@@ -191,6 +192,10 @@ class CpuMeter:
         parts += [f"{n} {b / payload:.1f}" for n, b in self.written.items()]
         return "disk writes per payload byte: " + ", ".join(parts)
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every measured process together over the interval."""
+        return sum(self.used.values())
+
     def cores(self) -> str:
         """'client 0.71, broker 0.95': average cores busy, per process."""
         if self.wall <= 0:
@@ -259,3 +264,24 @@ def machine() -> dict[str, str]:
 
 def megabytes(size: int) -> float:
     return size / MB
+
+
+def payload_per_cpu_second(
+    kind: str, queue_type: str, chunk: int, payload_bytes: int, meter: CpuMeter
+) -> Figure:
+    """MB moved per CPU second of every process the meter watched.
+
+    On a machine whose cores are shared by every process of a run, this
+    ratio, set beside the bare client's, is the rate ratio to expect when
+    both keep the same number of cores busy.
+    """
+    spent = meter.cpu_seconds()
+    who = ", ".join(f"{name} {seconds:.1f}" for name, seconds in meter.used.items())
+    return Figure(
+        f"cpu/{kind}/{queue_type}/{chunk}",
+        f"{kind} payload per CPU second, {size_name(chunk)} chunks",
+        payload_bytes / MB / spent if spent > 0 else 0.0,
+        "MB/cpu-s",
+        f"{spent:.1f} CPU seconds for {payload_bytes / MB:.0f} MB ({who}) in "
+        f"{meter.wall:.2f} s, {spent / meter.wall:.2f} cores busy on average",
+    )

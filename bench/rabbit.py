@@ -26,7 +26,7 @@ import psutil
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.procs import CpuMeter, broker_process, device_of
+from bench.procs import CpuMeter, broker_process, device_of, payload_per_cpu_second
 from bench.registry import BenchmarkError, Figure, Options, RunContext, benchmark
 from bench.units import mb_per_s, size_name
 
@@ -140,6 +140,7 @@ class RoundTrip:
     total_seconds: float
     cores: str
     disk: str = ""
+    meter: CpuMeter | None = None
 
 
 def file_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
@@ -284,6 +285,7 @@ async def round_trip(
         finished - started,
         meter.cores(),
         meter.disk(size),
+        meter,
     )
 
 
@@ -312,6 +314,12 @@ async def bare_large(context: RunContext) -> list[Figure]:
                 broker=broker,
             )
             figures.append(large_figure("bare", options.queue_type, chunk, run))
+            if run.meter is not None:
+                figures.append(
+                    payload_per_cpu_second(
+                        "bare", options.queue_type, chunk, run.payload_bytes, run.meter
+                    )
+                )
     return figures
 
 

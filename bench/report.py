@@ -33,10 +33,12 @@ RATIO_TARGETS: list[tuple[str, str, float]] = [
         0.8,
     ),
 ]
-# Not targets: a figure set beside the rate of a shared resource, to show
-# how much of it the run used.
+# Not targets: a figure set beside the rate of a shared resource (the disk),
+# or beside the bare client's own figure (payload per CPU second), to show
+# what bounds the run.
 BOUND_RATIOS: list[tuple[str, str]] = [
     (r"^disk/pipeline/\w+/\d+$", "disk/write"),
+    (r"^cpu/pipeline/(?P<queue>\w+)/(?P<size>\d+)$", "cpu/bare/{queue}/{size}"),
 ]
 # A figure that must stay under a limit, in the figure's own unit.
 LIMIT_TARGETS: list[tuple[str, float, str]] = [
@@ -73,8 +75,11 @@ def comparisons(figures: list[Figure]) -> list[Comparison]:
                     )
                 )
         for pattern, ceiling_key in BOUND_RATIOS:
-            ceiling = by_key.get(ceiling_key)
-            if re.match(pattern, figure.key) and ceiling and ceiling.value > 0:
+            match = re.match(pattern, figure.key)
+            ceiling = (
+                by_key.get(ceiling_key.format(**match.groupdict())) if match else None
+            )
+            if ceiling is not None and ceiling.value > 0:
                 ratio = figure.value / ceiling.value
                 found.append(Comparison(figure, ceiling, ratio, "", True))
         for pattern, limit, unit in LIMIT_TARGETS:

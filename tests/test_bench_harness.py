@@ -93,6 +93,23 @@ def test_disk_writes_are_set_beside_the_disk_ceiling_without_a_target() -> None:
     assert comparison_cells(check)[-1] == "(no target)"
 
 
+def test_cpu_per_byte_is_set_beside_the_bare_clients_of_the_same_size() -> None:
+    """The pipeline's payload per CPU second is compared with the bare
+    client's at the same queue type and chunk size, as a bound, not a target."""
+    figures = [
+        Figure("cpu/bare/quorum/262144", "bare cpu 256K", 180.0, "MB/cpu-s"),
+        Figure("cpu/bare/quorum/1048576", "bare cpu 1M", 200.0, "MB/cpu-s"),
+        Figure("cpu/pipeline/quorum/262144", "pipeline cpu 256K", 45.0, "MB/cpu-s"),
+    ]
+
+    (check,) = comparisons(figures)
+
+    assert check.ceiling is not None
+    assert check.ceiling.key == "cpu/bare/quorum/262144"
+    assert check.ratio == pytest.approx(0.25)
+    assert comparison_cells(check)[-1] == "(no target)"
+
+
 def test_writing_the_doc_keeps_what_is_outside_the_markers(tmp_path: Path) -> None:
     """Only the generated section is replaced; hand-written text stays."""
     doc = tmp_path / "benchmarks.md"
@@ -160,7 +177,7 @@ def test_the_command_runs_the_ceilings_and_saves_figures(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     keys = {figure["key"] for figure in json.loads(saved.read_text())["figures"]}
     assert keys == {
-        "bare/quorum/262144", "bare/quorum/1024",
+        "bare/quorum/262144", "cpu/bare/quorum/262144", "bare/quorum/1024",
         "nats/put", "nats/get", "nats/putget",
     }  # fmt: skip
     assert list(tmp_path.iterdir()) == [saved]
@@ -193,6 +210,7 @@ def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> N
     assert set(figures) == {
         "disk/write", "pipeline/video/quorum/262144", "mem/gateway/262144",
         "mem/worker/262144", "disk/pipeline/quorum/262144",
+        "cpu/pipeline/quorum/262144",
     }  # fmt: skip
     assert figures["pipeline/video/quorum/262144"]["value"] > 0
     transfer = figures["pipeline/video/quorum/262144"]["detail"]
@@ -201,6 +219,10 @@ def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> N
     assert figures["mem/worker/262144"]["value"] > 10
     assert figures["disk/write"]["value"] > 0
     assert "MB/s of payload" in figures["disk/pipeline/quorum/262144"]["detail"]
+    cpu = figures["cpu/pipeline/quorum/262144"]
+    assert cpu["value"] > 0
+    assert "sender" in cpu["detail"]
+    assert "worker" in cpu["detail"]
 
 
 def test_sigterm_removes_the_vhost_and_stops_the_services(tmp_path: Path) -> None:
