@@ -111,7 +111,9 @@ class GatewayMetrics(MetricGroup):
             "gateway_outbox_packets", "Packets in the outbox."
         )
         self.outbox_bytes = self.gauge(
-            "gateway_outbox_bytes", "Bytes the outbox holds, counted against its quota."
+            "gateway_outbox_bytes",
+            "Bytes the outbox holds on disk, counted against its quota: rows "
+            "waiting, and rows forwarded but not deleted yet.",
         )
         self.outbox_quota_bytes = self.gauge(
             "gateway_outbox_quota_bytes", "The outbox's disk quota."
@@ -123,7 +125,7 @@ class GatewayMetrics(MetricGroup):
     def watch(self, outbox: Outbox, publisher: ConfirmingPublisher) -> None:
         """Read the outbox depth and link state live, at each scrape."""
         self.outbox_packets.set_function(lambda: outbox.packets)
-        self.outbox_bytes.set_function(lambda: outbox.bytes)
+        self.outbox_bytes.set_function(lambda: outbox.bytes + outbox.forwarded_bytes)
         self.outbox_quota_bytes.set_function(lambda: outbox.quota_bytes)
         self.broker_link_up.set_function(lambda: 1.0 if publisher.link_up else 0.0)
 

@@ -1,9 +1,11 @@
 """Store-and-forward: messages RabbitMQ could not take wait here, on disk.
 
 A row is written with synchronous=FULL before the client hears 2xx, and it
-is deleted only after RabbitMQ confirmed the message that replaces it, so a
-packet the gateway accepted survives a broker outage, a lost confirm and a
-`kill -9` of the gateway itself.
+is marked forwarded only after RabbitMQ confirmed the message that replaces
+it, so a packet the gateway accepted survives a broker outage, a lost
+confirm and a `kill -9` of the gateway itself. Forwarded rows are deleted
+after the drain: deleting a row walks its whole body's pages again, which
+done inline halved the drain rate.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     packets INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS forwarded (
+    id INTEGER PRIMARY KEY
+);
 """
 
 # A pass keeps up to this many batches read and unconfirmed: enough to cover
@@ -46,6 +51,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 DRAIN_BATCH_BYTES = 8 * 1024 * 1024
 DRAIN_BATCH_ROWS = 256
 DRAIN_BATCHES_IN_FLIGHT = 4
+# Forwarded rows deleted per transaction, so that inserts of new packets
+# wait for one short transaction at most, not for the whole clean-up.
+PURGE_BATCH_ROWS = 64
+NOT_FORWARDED = "NOT EXISTS (SELECT 1 FROM forwarded f WHERE f.id = outbox.id)"
 
 
 @dataclass
@@ -63,6 +72,9 @@ class Outbox:
         self.db = LocalDatabase(path, SCHEMA, synchronous="FULL", page_size=65536)
         self.quota_bytes = quota_bytes
         self.packets, self.bytes = self.db.run_sync(_depth)
+        # Bytes of forwarded rows not deleted yet: still on disk, so still
+        # within the quota, but no longer waiting to be sent.
+        self.forwarded_bytes = self.db.run_sync(_forwarded_bytes)
         self._reserved = 0
         self._writes: GroupCommit[Outgoing] = GroupCommit(self.db, _insert)
         self._wake = asyncio.Event()
@@ -70,10 +82,11 @@ class Outbox:
     async def put(self, messages: Sequence[Outgoing]) -> None:
         """Keep messages durably; OutboxFull when the quota has no room left."""
         size = sum(_footprint(m) for m in messages)
-        if self.bytes + self._reserved + size > self.quota_bytes:
+        held = self.bytes + self.forwarded_bytes
+        if held + self._reserved + size > self.quota_bytes:
             raise OutboxFull(
-                f"the outbox holds {self.bytes} bytes of its {self.quota_bytes} "
-                "byte quota; retry once the broker link is back and it drains"
+                f"the outbox holds {held} bytes of its {self.quota_bytes} byte "
+                "quota; retry once the broker link is back and it drains"
             )
         # Reserve before awaiting, so concurrent requests cannot overshoot.
         self._reserved += size
@@ -88,6 +101,9 @@ class Outbox:
     async def forward_forever(self, publisher: ConfirmingPublisher) -> None:
         """Drain to RabbitMQ whenever the link is up; never gives up."""
         while True:
+            # Rows forwarded before a restart, or by a pass cut short.
+            if self.forwarded_bytes:
+                await self.purge_forwarded()
             if self.bytes == 0 or not publisher.link_up:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -107,6 +123,15 @@ class Outbox:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def purge_forwarded(self) -> None:
+        """Delete the rows already forwarded, a short transaction at a time."""
+        while True:
+            freed = await self.db.run(_delete_forwarded, durable=False)
+            if freed is None:
+                self.forwarded_bytes = 0
+                return
+            self.forwarded_bytes = max(0, self.forwarded_bytes - freed)
 
     async def _forward_pass(self, publisher: ConfirmingPublisher) -> None:
         """Publish every row, oldest first, in one pass over the table.
@@ -163,14 +188,15 @@ class Outbox:
             row for row, result in zip(rows, results, strict=True) if result is None
         ]
         if confirmed:
-            # A delete lost to a power cut only sends those rows once more,
+            # A mark lost to a power cut only sends those rows once more,
             # and workers absorb duplicates: no need to wait for the disk.
             await self.db.run(
-                lambda db: _delete(db, [row.row_id for row in confirmed]),
+                lambda db: _mark_forwarded(db, [row.row_id for row in confirmed]),
                 durable=False,
             )
             self.packets -= sum(row.packets for row in confirmed)
             self.bytes -= sum(row.size for row in confirmed)
+            self.forwarded_bytes += sum(row.size for row in confirmed)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise BrokerError(
@@ -223,7 +249,7 @@ def _oldest(db: sqlite3.Connection, after: int) -> list[OutboxRow]:
     """
     cursor = db.execute(
         "SELECT id, routing_key, content_type, message_id, headers, body, size, "
-        "packets FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+        f"packets FROM outbox WHERE id > ? AND {NOT_FORWARDED} ORDER BY id LIMIT ?",
         (after, DRAIN_BATCH_ROWS),
     )
     batch: list[OutboxRow] = []
@@ -251,12 +277,41 @@ def _oldest(db: sqlite3.Connection, after: int) -> list[OutboxRow]:
     return batch
 
 
-def _delete(db: sqlite3.Connection, row_ids: list[int]) -> None:
-    db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in row_ids])
+def _mark_forwarded(db: sqlite3.Connection, row_ids: list[int]) -> None:
+    db.executemany(
+        "INSERT OR IGNORE INTO forwarded (id) VALUES (?)", [(i,) for i in row_ids]
+    )
+
+
+def _delete_forwarded(db: sqlite3.Connection) -> int | None:
+    """Delete some forwarded rows; the bytes freed, or None when none are left."""
+    ids = [
+        row[0]
+        for row in db.execute(
+            "SELECT id FROM forwarded ORDER BY id LIMIT ?", (PURGE_BATCH_ROWS,)
+        )
+    ]
+    if not ids:
+        return None
+    marks = ", ".join("?" * len(ids))
+    (freed,) = db.execute(
+        f"SELECT COALESCE(SUM(size), 0) FROM outbox WHERE id IN ({marks})", ids
+    ).fetchone()
+    db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+    db.execute(f"DELETE FROM forwarded WHERE id IN ({marks})", ids)
+    return int(freed)
 
 
 def _depth(db: sqlite3.Connection) -> tuple[int, int]:
     row = db.execute(
-        "SELECT COALESCE(SUM(packets), 0), COALESCE(SUM(size), 0) FROM outbox"
+        "SELECT COALESCE(SUM(packets), 0), COALESCE(SUM(size), 0) FROM outbox "
+        f"WHERE {NOT_FORWARDED}"
     ).fetchone()
     return int(row[0]), int(row[1])
+
+
+def _forwarded_bytes(db: sqlite3.Connection) -> int:
+    (held,) = db.execute(
+        "SELECT COALESCE(SUM(o.size), 0) FROM outbox o JOIN forwarded f ON f.id = o.id"
+    ).fetchone()
+    return int(held)
