@@ -277,11 +277,12 @@ def payload_per_cpu_second(
     """
     spent = meter.cpu_seconds()
     who = ", ".join(f"{name} {seconds:.1f}" for name, seconds in meter.used.items())
+    cores = spent / meter.wall if meter.wall > 0 else 0.0
     return Figure(
         f"cpu/{kind}/{queue_type}/{chunk}",
         f"{kind} payload per CPU second, {size_name(chunk)} chunks",
         payload_bytes / MB / spent if spent > 0 else 0.0,
         "MB/cpu-s",
         f"{spent:.1f} CPU seconds for {payload_bytes / MB:.0f} MB ({who}) in "
-        f"{meter.wall:.2f} s, {spent / meter.wall:.2f} cores busy on average",
+        f"{meter.wall:.2f} s, {cores:.2f} cores busy on average",
     )
