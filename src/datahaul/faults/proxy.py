@@ -277,12 +277,14 @@ class FaultProxy:
                 await self._flowing.wait()
                 if not data:
                     return
-                sink.write(data)
-                await sink.drain()
+                # Counted before the write: whoever receives the bytes may
+                # read the counters at once, before this task runs again.
                 if to_broker:
                     self.bytes_to_broker += len(data)
                 else:
                     self.bytes_to_client += len(data)
+                sink.write(data)
+                await sink.drain()
         except OSError:
             return
 
