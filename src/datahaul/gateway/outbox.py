@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS forwarded (
-    id INTEGER PRIMARY KEY
+    id INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL
 );
 """
 
@@ -190,10 +191,7 @@ class Outbox:
         if confirmed:
             # A mark lost to a power cut only sends those rows once more,
             # and workers absorb duplicates: no need to wait for the disk.
-            await self.db.run(
-                lambda db: _mark_forwarded(db, [row.row_id for row in confirmed]),
-                durable=False,
-            )
+            await self.db.run(lambda db: _mark_forwarded(db, confirmed), durable=False)
             self.packets -= sum(row.packets for row in confirmed)
             self.bytes -= sum(row.size for row in confirmed)
             self.forwarded_bytes += sum(row.size for row in confirmed)
@@ -277,29 +275,27 @@ def _oldest(db: sqlite3.Connection, after: int) -> list[OutboxRow]:
     return batch
 
 
-def _mark_forwarded(db: sqlite3.Connection, row_ids: list[int]) -> None:
+def _mark_forwarded(db: sqlite3.Connection, rows: list[OutboxRow]) -> None:
+    # The size is kept beside the mark: reading it from the outbox row would
+    # walk the body's pages, as it is stored after the body.
     db.executemany(
-        "INSERT OR IGNORE INTO forwarded (id) VALUES (?)", [(i,) for i in row_ids]
+        "INSERT OR IGNORE INTO forwarded (id, size) VALUES (?, ?)",
+        [(row.row_id, row.size) for row in rows],
     )
 
 
 def _delete_forwarded(db: sqlite3.Connection) -> int | None:
     """Delete some forwarded rows; the bytes freed, or None when none are left."""
-    ids = [
-        row[0]
-        for row in db.execute(
-            "SELECT id FROM forwarded ORDER BY id LIMIT ?", (PURGE_BATCH_ROWS,)
-        )
-    ]
-    if not ids:
+    marked = db.execute(
+        "SELECT id, size FROM forwarded ORDER BY id LIMIT ?", (PURGE_BATCH_ROWS,)
+    ).fetchall()
+    if not marked:
         return None
+    ids = [row_id for row_id, _ in marked]
     marks = ", ".join("?" * len(ids))
-    (freed,) = db.execute(
-        f"SELECT COALESCE(SUM(size), 0) FROM outbox WHERE id IN ({marks})", ids
-    ).fetchone()
     db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
     db.execute(f"DELETE FROM forwarded WHERE id IN ({marks})", ids)
-    return int(freed)
+    return sum(int(size) for _, size in marked)
 
 
 def _depth(db: sqlite3.Connection) -> tuple[int, int]:
@@ -311,7 +307,5 @@ def _depth(db: sqlite3.Connection) -> tuple[int, int]:
 
 
 def _forwarded_bytes(db: sqlite3.Connection) -> int:
-    (held,) = db.execute(
-        "SELECT COALESCE(SUM(o.size), 0) FROM outbox o JOIN forwarded f ON f.id = o.id"
-    ).fetchone()
+    (held,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM forwarded").fetchone()
     return int(held)
