@@ -204,10 +204,6 @@ class TransferRun:
     event: dict[str, Any]
     peaks: dict[str, int]
     high_water: dict[str, int]
-    cores: str
-    disk: str
-    device_bytes: int
-    seconds_metered: float
     meter: CpuMeter
 
 
@@ -250,10 +246,6 @@ async def timed_send(
         event,
         peaks,
         high_water,
-        meter.cores(),
-        meter.disk(source.size),
-        meter.device_bytes,
-        meter.wall,
         meter,
     )
 
@@ -447,7 +439,7 @@ def transfer_figures(
         f"{size_name(source.size)} stored {run.stored_seconds:.2f} s after the "
         f"sender started (sender exited at {run.send_seconds:.2f} s; its start-up "
         f"alone, `send --help`, takes {startup:.2f} s); SHA-256 verified in "
-        f"{checked}; {run.cores}; {run.disk}"
+        f"{checked}; {run.meter.cores()}; {run.meter.disk(source.size)}"
     )
     figures = [
         Figure(
@@ -480,10 +472,11 @@ def disk_figures(
     run: TransferRun,
 ) -> list[Figure]:
     """The device's write rate during the transfer, and the bound it implies."""
-    if run.device_bytes <= 0 or run.seconds_metered <= 0:
+    meter = run.meter
+    if meter.device_bytes <= 0 or meter.wall <= 0:
         return []
-    per_byte = run.device_bytes / source.size
-    detail = f"{run.disk}; every process on the machine counted"
+    per_byte = meter.device_bytes / source.size
+    detail = f"{meter.disk(source.size)}; every process on the machine counted"
     ceiling = context.figure("disk/write")
     if ceiling is not None:
         detail += (
@@ -495,7 +488,7 @@ def disk_figures(
         Figure(
             f"disk/pipeline/{queue_type}/{chunk}",
             f"disk writes during the pipeline, {size_name(chunk)} chunks",
-            mb_per_s(run.device_bytes, run.seconds_metered),
+            mb_per_s(meter.device_bytes, meter.wall),
             "MB/s",
             detail,
         )

@@ -138,9 +138,15 @@ class RoundTrip:
     payload_bytes: int
     publish_seconds: float
     total_seconds: float
-    cores: str
-    disk: str = ""
-    meter: CpuMeter | None = None
+    meter: CpuMeter
+
+    @property
+    def cores(self) -> str:
+        return self.meter.cores()
+
+    @property
+    def disk(self) -> str:
+        return self.meter.disk(self.payload_bytes)
 
 
 def file_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
@@ -283,8 +289,6 @@ async def round_trip(
         size,
         published - started,
         finished - started,
-        meter.cores(),
-        meter.disk(size),
         meter,
     )
 
@@ -314,12 +318,11 @@ async def bare_large(context: RunContext) -> list[Figure]:
                 broker=broker,
             )
             figures.append(large_figure("bare", options.queue_type, chunk, run))
-            if run.meter is not None:
-                figures.append(
-                    payload_per_cpu_second(
-                        "bare", options.queue_type, chunk, run.payload_bytes, run.meter
-                    )
+            figures.append(
+                payload_per_cpu_second(
+                    "bare", options.queue_type, chunk, run.payload_bytes, run.meter
                 )
+            )
     return figures
 
 

@@ -76,37 +76,42 @@ def test_a_pipeline_figure_is_held_against_the_ceiling_of_its_own_size() -> None
     assert len(checks) == 3
 
 
-def test_disk_writes_are_set_beside_the_disk_ceiling_without_a_target() -> None:
-    """The pipeline's disk write rate is shown as a share of the disk ceiling,
-    and that row is never counted as a target met or missed."""
-    figures = [
-        Figure("disk/write", "disk", 400.0, "MB/s"),
-        Figure("disk/pipeline/quorum/262144", "pipeline disk", 300.0, "MB/s"),
-    ]
-
+@pytest.mark.parametrize(
+    ("figures", "ceiling_key", "ratio"),
+    [
+        pytest.param(
+            [
+                Figure("disk/write", "disk", 400.0, "MB/s"),
+                Figure("disk/pipeline/quorum/262144", "pipeline disk", 300.0, "MB/s"),
+            ],
+            "disk/write",
+            0.75,
+            id="disk writes beside the disk ceiling",
+        ),
+        pytest.param(
+            [
+                Figure("cpu/bare/quorum/262144", "bare cpu 256K", 180.0, "MB/cpu-s"),
+                Figure("cpu/bare/quorum/1048576", "bare cpu 1M", 200.0, "MB/cpu-s"),
+                Figure("cpu/pipeline/quorum/262144", "pipe cpu 256K", 45.0, "MB/cpu-s"),
+            ],
+            "cpu/bare/quorum/262144",
+            0.25,
+            id="cpu per byte beside the bare client's of the same size",
+        ),
+    ],
+)
+def test_a_bound_is_set_beside_its_ceiling_without_a_target(
+    figures: list[Figure], ceiling_key: str, ratio: float
+) -> None:
+    """The pipeline's disk writes are shown as a share of the disk ceiling,
+    its payload per CPU second as a share of the bare client's at the same
+    queue type and chunk size; neither row counts as a target met or missed."""
     (check,) = comparisons(figures)
 
     assert check.ceiling is not None
-    assert check.ceiling.key == "disk/write"
-    assert check.ratio == pytest.approx(0.75)
+    assert check.ceiling.key == ceiling_key
+    assert check.ratio == pytest.approx(ratio)
     assert check.target == ""
-    assert comparison_cells(check)[-1] == "(no target)"
-
-
-def test_cpu_per_byte_is_set_beside_the_bare_clients_of_the_same_size() -> None:
-    """The pipeline's payload per CPU second is compared with the bare
-    client's at the same queue type and chunk size, as a bound, not a target."""
-    figures = [
-        Figure("cpu/bare/quorum/262144", "bare cpu 256K", 180.0, "MB/cpu-s"),
-        Figure("cpu/bare/quorum/1048576", "bare cpu 1M", 200.0, "MB/cpu-s"),
-        Figure("cpu/pipeline/quorum/262144", "pipeline cpu 256K", 45.0, "MB/cpu-s"),
-    ]
-
-    (check,) = comparisons(figures)
-
-    assert check.ceiling is not None
-    assert check.ceiling.key == "cpu/bare/quorum/262144"
-    assert check.ratio == pytest.approx(0.25)
     assert comparison_cells(check)[-1] == "(no target)"
 
 

@@ -287,28 +287,28 @@ class Catalog:
 
     @staticmethod
     def _new_stored_text(first: Packet, content: bytes, now: float) -> FileRecord:
-        sha256 = hashlib.sha256(content).hexdigest()
-        error = integrity_error(sha256, first.file_sha256)
-        return FileRecord(
+        record = FileRecord(
             file_id=first.file_id,
             type=first.type,
             total_seq=first.total_seq,
             received=first.total_seq,
             received_bytes=len(content),
-            state=FAILED if error else STORED,
+            state=RECEIVING,
             file_name=first.file_name,
             content_type=first.content_type,
             device_id=first.device_id,
             expected_sha256=first.file_sha256,
             metadata=first.metadata,
-            size=len(content),
-            sha256=sha256,
-            location=None if error else TEXT_LOCATION + first.file_id,
-            error=error,
+            size=None,
+            sha256=None,
+            location=None,
+            error=None,
             created_at=now,
             updated_at=now,
-            stored_at=None if error else now,
+            stored_at=None,
         )
+        _judge_text(record, content, now)
+        return record
 
     def _finish_small_text(
         self, txn: Transaction, file_id: str, limit: int, now: float
@@ -329,13 +329,7 @@ class Catalog:
             return None
 
         content = b"".join(bytes(data) for data, _ in chunks)
-        record.sha256 = hashlib.sha256(content).hexdigest()
-        record.size = len(content)
-        record.error = integrity_error(record.sha256, record.expected_sha256)
-        record.state = FAILED if record.error else STORED
-        record.location = None if record.error else TEXT_LOCATION + file_id
-        record.stored_at = None if record.error else now
-        record.updated_at = now
+        _judge_text(record, content, now)
         txn.execute(
             "UPDATE files SET state = ?, size = ?, sha256 = ?, location = ?, "
             "error = ?, stored_at = ?, updated_at = ? WHERE file_id = ?",
@@ -351,7 +345,7 @@ class Catalog:
             ),
         )
         if not record.error:
-            self._store_text(txn, record, content, record.sha256, now)
+            self._store_text(txn, record, content, record.sha256 or "", now)
         txn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
         return record
 
@@ -686,6 +680,18 @@ def _filters(**conditions: Any) -> tuple[str, list[Any]]:
         params.append(value)
     where = "WHERE " + " AND ".join(clauses) if clauses else ""
     return where, params
+
+
+def _judge_text(record: FileRecord, content: bytes, now: float) -> None:
+    """What storing `content` as the record's text makes of the record:
+    stored with its SHA-256, or failed when that differs from the expected."""
+    record.sha256 = hashlib.sha256(content).hexdigest()
+    record.size = len(content)
+    record.error = integrity_error(record.sha256, record.expected_sha256)
+    record.state = FAILED if record.error else STORED
+    record.location = None if record.error else TEXT_LOCATION + record.file_id
+    record.stored_at = None if record.error else now
+    record.updated_at = now
 
 
 def _row(record: FileRecord) -> tuple[Any, ...]:
