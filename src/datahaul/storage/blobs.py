@@ -108,6 +108,42 @@ class FilesystemStore:
             _fsync_dir(target.parent)
         return target
 
+    def append(self, key: str, data: bytes) -> int:
+        """Add bytes durably at the end of an object; return where they start.
+
+        The offset is the file's own size, not a count kept by the caller, so
+        bytes left behind by a failed append only push later ones further on.
+        """
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "ab") as handle:
+            offset = handle.tell()
+            handle.write(data)
+            handle.flush()
+            os.fdatasync(handle.fileno())
+        return offset
+
+    def adopt(self, key: str, source: Path) -> str:
+        """Make a file of the same filesystem the object under key, uncopied.
+
+        The file is linked, not moved: its old name stays valid until its
+        owner deletes it, so an adoption interrupted half-way can be redone.
+        OSError (EXDEV across filesystems) means the caller must copy.
+        """
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        os.link(source, temporary)
+        try:
+            os.replace(temporary, target)
+        finally:
+            # Still there when target already was this file: rename then
+            # leaves both names in place.
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        _fsync_dir(target.parent)
+        return target.as_uri()
+
     def sync(self, keys: Iterable[str]) -> None:
         # Each put already fsynced its file; the renames need their folders.
         for folder in {self.path(key).parent for key in keys}:

@@ -1,0 +1,219 @@
+"""The worker's staging and assembly, on the embedded catalog and a directory.
+
+A file whose chunks were appended once and in order to one staging segment
+is stored by linking that segment; every other history must still end in
+exactly the bytes sent, through the copying path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datahaul.config import Settings
+from datahaul.protocol.packet import Packet
+from datahaul.storage.blobs import FilesystemStore, open_store
+from datahaul.storage.catalog import Catalog
+from datahaul.worker.assembler import Assembler
+
+CHUNK = 100_000  # over the 64 KiB kept inline, so chunks are staged
+CONTENT = os.urandom(10 * CHUNK + 10_000)  # a small last chunk, as in real files
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings.load(
+        data_dir=tmp_path,
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}",
+        staging_url=f"file://{tmp_path / 'staging'}",
+        blob_url=f"file://{tmp_path / 'blobs'}",
+    )
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Iterator[Catalog]:
+    catalog = Catalog.open(settings.catalog_url)
+    yield catalog
+    catalog.close()
+
+
+def worker(settings: Settings, catalog: Catalog, owner: str = "w1") -> Assembler:
+    return Assembler(
+        settings,
+        catalog,
+        open_store(settings.staging_url),
+        open_store(settings.blob_url),
+        owner=owner,
+    )
+
+
+def chunks(content: bytes = CONTENT, file_id: str = "video-1") -> list[Packet]:
+    pieces = [content[i : i + CHUNK] for i in range(0, len(content), CHUNK)]
+    return [
+        Packet(
+            "video",
+            file_id,
+            seq,
+            len(pieces),
+            piece,
+            file_name="run.mp4",
+            file_sha256=hashlib.sha256(content).hexdigest(),
+        )
+        for seq, piece in enumerate(pieces, start=1)
+    ]
+
+
+def stage_in_batches(assembler: Assembler, batches: list[list[int]]) -> None:
+    packets = chunks()
+    for batch in batches:
+        assembler.stage([packets[seq - 1] for seq in batch])
+
+
+def finalize(assembler: Assembler, file_id: str = "video-1") -> str:
+    done = assembler.finalize(file_id)
+    assert done is not None, "this worker should have won the file"
+    return done.state
+
+
+def segments(settings: Settings, file_id: str = "video-1") -> list[Path]:
+    folder = Path(settings.staging_url.removeprefix("file://")) / file_id
+    return sorted(folder.iterdir())
+
+
+def stored_blob(catalog: Catalog, file_id: str = "video-1") -> Path:
+    record = catalog.get(file_id)
+    assert record is not None
+    assert record.state == "stored", record
+    assert record.sha256 == hashlib.sha256(CONTENT).hexdigest()
+    assert record.location is not None
+    blob = Path(record.location.removeprefix("file://"))
+    assert blob.read_bytes() == CONTENT
+    return blob
+
+
+IN_ORDER = [[1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_a_file_staged_once_in_order_is_stored_by_linking_its_segment(
+    settings: Settings, catalog: Catalog
+) -> None:
+    assembler = worker(settings, catalog)
+    stage_in_batches(assembler, IN_ORDER)
+    [segment] = segments(settings)
+    assert segment.stat().st_size == len(CONTENT)
+    inode = segment.stat().st_ino
+
+    state = finalize(assembler)
+
+    assert state == "stored"
+    blob = stored_blob(catalog)
+    assert blob.stat().st_ino == inode
+    assert not segment.exists()  # staging is cleared; the blob keeps the bytes
+    assert [p.name for p in blob.parent.iterdir()] == ["run.mp4"]
+
+
+def test_a_worker_that_did_not_stage_the_file_links_it_after_reading_it_through(
+    settings: Settings, catalog: Catalog
+) -> None:
+    stage_in_batches(worker(settings, catalog, "w1"), IN_ORDER)
+    [segment] = segments(settings)
+    inode = segment.stat().st_ino
+
+    state = finalize(worker(settings, catalog, "w2"))
+
+    assert state == "stored"
+    assert stored_blob(catalog).stat().st_ino == inode
+
+
+def test_a_segment_changed_on_disk_fails_the_file_when_read_through(
+    settings: Settings, catalog: Catalog
+) -> None:
+    stage_in_batches(worker(settings, catalog, "w1"), IN_ORDER)
+    [segment] = segments(settings)
+    with open(segment, "r+b") as handle:
+        handle.seek(CHUNK * 3 + 17)
+        handle.write(b"\x00" if CONTENT[CHUNK * 3 + 17] else b"\x01")
+
+    state = finalize(worker(settings, catalog, "w2"))
+
+    assert state == "failed"
+    record = catalog.get("video-1")
+    assert record is not None
+    assert "differs from the sender's" in (record.error or "")
+    blobs = Path(settings.blob_url.removeprefix("file://"))
+    assert not any(path.is_file() for path in blobs.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [[1, 2], [4, 5], [3], [6, 7, 8, 9, 10, 11]],  # a chunk overtaken
+        [[1, 2, 3], [3, 4], [2, 5, 6], [7, 8, 9, 10, 11]],  # redelivered chunks
+        [[11, 10, 9], [8, 7, 6, 5, 4, 3, 2, 1]],  # backwards
+        [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11], [11, 5]],  # duplicates at the end
+    ],
+    ids=["overtaken", "redelivered", "backwards", "late-duplicates"],
+)
+def test_chunks_out_of_order_or_twice_still_give_exactly_the_file(
+    settings: Settings, catalog: Catalog, batches: list[list[int]]
+) -> None:
+    assembler = worker(settings, catalog)
+    stage_in_batches(assembler, batches)
+
+    state = finalize(assembler)
+
+    assert state == "stored"
+    stored_blob(catalog)
+
+
+def test_bytes_left_by_a_failed_append_are_not_part_of_the_file(
+    settings: Settings, catalog: Catalog
+) -> None:
+    assembler = worker(settings, catalog)
+    stage_in_batches(assembler, [[1, 2, 3]])
+    [segment] = segments(settings)
+    inode = segment.stat().st_ino
+    # What a write that failed half-way (a full disk) leaves at the end.
+    with open(segment, "ab") as handle:
+        handle.write(os.urandom(CHUNK // 2))
+    stage_in_batches(assembler, [[4, 5, 6, 7, 8, 9, 10, 11]])
+
+    state = finalize(assembler)
+
+    assert state == "stored"
+    assert stored_blob(catalog).stat().st_ino != inode
+
+
+def test_chunks_split_between_two_workers_are_copied_into_one_file(
+    settings: Settings, catalog: Catalog
+) -> None:
+    first, second = worker(settings, catalog, "w1"), worker(settings, catalog, "w2")
+    stage_in_batches(first, [[1, 2, 3, 4, 5]])
+    stage_in_batches(second, [[6, 7, 8, 9, 10, 11]])
+    assert len(segments(settings)) == 2
+
+    state = finalize(second)
+
+    assert state == "stored"
+    stored_blob(catalog)
+
+
+def test_the_blob_is_adopted_again_when_the_store_is_redone(
+    settings: Settings, catalog: Catalog
+) -> None:
+    store = open_store(settings.blob_url)
+    assert isinstance(store, FilesystemStore)
+    source = Path(settings.data_dir) / "segment"
+    source.write_bytes(CONTENT)
+
+    first = store.adopt("video/ab/run.mp4", source)
+    second = store.adopt("video/ab/run.mp4", source)
+
+    assert first == second
+    folder = store.path("video/ab")
+    assert [p.name for p in folder.iterdir()] == ["run.mp4"]  # no temporary left
+    assert store.read("video/ab/run.mp4") == CONTENT
