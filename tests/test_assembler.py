@@ -1,17 +1,19 @@
 """The worker's staging and assembly, on the embedded catalog and a directory.
 
-A file whose chunks were appended once and in order to one staging segment
-is stored by linking that segment; every other history must still end in
-exactly the bytes sent, through the copying path.
+A file whose chunks were all recorded in its staging image (each chunk at
+its place in the file) is stored by linking that image; every other history
+must still end in exactly the bytes sent, through the copying path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from datahaul.config import Settings
@@ -104,6 +106,7 @@ def test_a_file_staged_once_in_order_is_stored_by_linking_its_segment(
     assembler = worker(settings, catalog)
     stage_in_batches(assembler, IN_ORDER)
     [segment] = segments(settings)
+    assert segment.name.endswith("-image")
     assert segment.stat().st_size == len(CONTENT)
     inode = segment.stat().st_ino
 
@@ -148,44 +151,92 @@ def test_a_segment_changed_on_disk_fails_the_file_when_read_through(
     assert not any(path.is_file() for path in blobs.rglob("*"))
 
 
+def stored_in_place(settings: Settings, catalog: Catalog, assembler: Assembler) -> bool:
+    """Finalize; say whether the blob is the staged image itself (not a copy)."""
+    images = {p.stat().st_ino for p in segments(settings) if p.name.endswith("-image")}
+    assert finalize(assembler) == "stored"
+    return stored_blob(catalog).stat().st_ino in images
+
+
 @pytest.mark.parametrize(
-    "batches",
+    ("batches", "in_place"),
     [
-        [[1, 2], [4, 5], [3], [6, 7, 8, 9, 10, 11]],  # a chunk overtaken
-        [[1, 2, 3], [3, 4], [2, 5, 6], [7, 8, 9, 10, 11]],  # redelivered chunks
-        [[11, 10, 9], [8, 7, 6, 5, 4, 3, 2, 1]],  # backwards
-        [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11], [11, 5]],  # duplicates at the end
+        ([[1, 2], [4, 5], [3], [6, 7, 8, 9, 10, 11]], True),  # a chunk overtaken
+        ([[1, 2, 3], [3, 4], [2, 5, 6], [7, 8, 9, 10, 11]], True),  # redelivered
+        ([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11], [11, 5]], True),  # late duplicates
+        ([[1, 1, 2, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11]], True),  # twice in a batch
+        # The last chunk first: the chunk size is not known yet, so that
+        # chunk is staged on its own and the file is copied.
+        ([[11], [10, 9], [8, 7, 6, 5, 4, 3, 2, 1]], False),
     ],
-    ids=["overtaken", "redelivered", "backwards", "late-duplicates"],
+    ids=["overtaken", "redelivered", "late-duplicates", "doubled", "backwards"],
 )
 def test_chunks_out_of_order_or_twice_still_give_exactly_the_file(
-    settings: Settings, catalog: Catalog, batches: list[list[int]]
+    settings: Settings, catalog: Catalog, batches: list[list[int]], in_place: bool
 ) -> None:
     assembler = worker(settings, catalog)
     stage_in_batches(assembler, batches)
 
-    state = finalize(assembler)
-
-    assert state == "stored"
-    stored_blob(catalog)
+    assert stored_in_place(settings, catalog, assembler) is in_place
 
 
-def test_bytes_left_by_a_failed_append_are_not_part_of_the_file(
+def test_each_outcome_answers_its_own_packet(
+    settings: Settings, catalog: Catalog
+) -> None:
+    """Small, large, duplicate and conflicting packets mixed in one batch."""
+    video = chunks()
+    note = Packet("text", "note-1", 1, 2, b"first half ")
+    clash = Packet("image", "video-1", 4, 11, video[3].data)
+    again = msgspec.structs.replace(video[0])
+    batch = [video[2], note, video[0], clash, again, video[1]]
+
+    outcomes = worker(settings, catalog).stage(batch).outcomes
+
+    assert [outcome.packet for outcome in outcomes] == batch
+    statuses = [outcome.status for outcome in outcomes]
+    assert statuses == ["staged", "staged", "staged", "conflict", "duplicate", "staged"]
+
+
+def test_bytes_of_a_write_that_failed_half_way_are_overwritten(
     settings: Settings, catalog: Catalog
 ) -> None:
     assembler = worker(settings, catalog)
     stage_in_batches(assembler, [[1, 2, 3]])
-    [segment] = segments(settings)
-    inode = segment.stat().st_ino
-    # What a write that failed half-way (a full disk) leaves at the end.
-    with open(segment, "ab") as handle:
+    [image] = segments(settings)
+    # A write of chunk 4 that failed before its catalog commit (a full disk).
+    with open(image, "r+b") as handle:
+        handle.seek(3 * CHUNK)
         handle.write(os.urandom(CHUNK // 2))
     stage_in_batches(assembler, [[4, 5, 6, 7, 8, 9, 10, 11]])
 
-    state = finalize(assembler)
+    assert stored_in_place(settings, catalog, assembler)
 
-    assert state == "stored"
-    assert stored_blob(catalog).stat().st_ino != inode
+
+def test_bytes_past_the_end_of_the_image_make_it_copied(
+    settings: Settings, catalog: Catalog
+) -> None:
+    assembler = worker(settings, catalog)
+    stage_in_batches(assembler, IN_ORDER)
+    [image] = segments(settings)
+    with open(image, "ab") as handle:
+        handle.write(b"litter")
+
+    assert not stored_in_place(settings, catalog, assembler)
+
+
+def test_a_file_expired_and_sent_again_is_not_built_on_its_old_image(
+    settings: Settings, catalog: Catalog
+) -> None:
+    """Another worker expires the file and deletes its staging meanwhile."""
+    assembler = worker(settings, catalog)
+    stage_in_batches(assembler, [[1, 2, 3, 4, 5]])
+    assert catalog.expire(older_than=time.time() + 1) == ["video-1"]
+    open_store(settings.staging_url).delete_prefix("video-1")
+
+    stage_in_batches(assembler, [list(range(1, 12))])
+
+    assert finalize(assembler) == "stored"
+    stored_blob(catalog)
 
 
 def test_chunks_split_between_two_workers_are_copied_into_one_file(

@@ -108,20 +108,24 @@ class FilesystemStore:
             _fsync_dir(target.parent)
         return target
 
-    def append(self, key: str, data: bytes) -> int:
-        """Add bytes durably at the end of an object; return where they start.
+    def write_at(self, key: str, pieces: Iterable[tuple[int, bytes]]) -> None:
+        """Write each (offset, bytes) piece into an object, durably.
 
-        The offset is the file's own size, not a count kept by the caller, so
-        bytes left behind by a failed append only push later ones further on.
+        The object is created if need be and never truncated: what other
+        places of it hold stays as it was.
         """
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "ab") as handle:
-            offset = handle.tell()
-            handle.write(data)
-            handle.flush()
-            os.fdatasync(handle.fileno())
-        return offset
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for offset, data in pieces:
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(descriptor, view, offset)
+                    view, offset = view[written:], offset + written
+            os.fdatasync(descriptor)
+        finally:
+            os.close(descriptor)
 
     def adopt(self, key: str, source: Path) -> str:
         """Make a file of the same filesystem the object under key, uncopied.

@@ -44,9 +44,9 @@ log = structlog.get_logger("datahaul.worker")
 UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 # Below this, a thread hop costs more than the hashing it would overlap.
 THREADED_HASH_BYTES = 64 * 1024
-# Files whose segment a worker keeps open at once; past it the oldest lose
-# the shortcut at finalize, nothing else.
-OPEN_SEGMENTS = 1024
+# Files a worker keeps an image of at once; past it the oldest lose the
+# shortcut at finalize, nothing else.
+OPEN_IMAGES = 1024
 # A hard link fails with these where the filesystem cannot link the file.
 NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}
 
@@ -61,33 +61,43 @@ class Finalized:
 
 
 @dataclass
-class OpenSegment:
-    """The staging file a worker appends one file's chunks to, as it goes.
+class FileImage:
+    """A staging segment laid out as the file: chunk k at (k - 1) * chunk_bytes.
 
-    While every chunk arrives once and in order, the segment is the file
-    itself and `hasher` holds its SHA-256 so far; finalize can then adopt
-    the segment as the blob instead of reading it back and copying it.
+    A worker writes a file's chunks there as they come, in any order, and
+    hashes the file's prefix as it fills in. Once every chunk is recorded
+    there, the segment is the file, and finalize adopts it as the blob
+    instead of reading it back and copying it.
     """
 
     name: str
-    next_seq: int = 1
+    total_seq: int
+    chunk_bytes: int
+    # seq -> size of the chunks the catalog recorded in this segment.
+    recorded: dict[int, int] = field(default_factory=dict)
+    next_seq: int = 1  # the first chunk not yet hashed
     hashed_bytes: int = 0
-    hasher: hashlib._Hash | None = field(default_factory=hashlib.sha256)
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
 
-    def record(self, seq: int, offset: int, data: bytes, new: bool) -> None:
-        """Follow one appended chunk; any other order gives the hash up."""
-        if self.hasher is None:
-            return
-        if not new or seq != self.next_seq or offset != self.hashed_bytes:
-            self.hasher = None
-            return
-        self.hasher.update(data)
-        self.next_seq += 1
-        self.hashed_bytes += len(data)
+    def fits(self, packet: Packet) -> bool:
+        """Whether the chunk has its place here and the place is still free.
+
+        A place once recorded is never written again: the catalog points at
+        those bytes, and a later packet with the same seq may differ.
+        """
+        if packet.total_seq != self.total_seq or packet.seq in self.recorded:
+            return False
+        size = len(packet.data)
+        if packet.seq < self.total_seq:
+            return size == self.chunk_bytes
+        return 0 < size <= self.chunk_bytes
+
+    def offset_of(self, seq: int) -> int:
+        return (seq - 1) * self.chunk_bytes
 
     def digest_of(self, total_seq: int, size: int) -> str | None:
         complete = self.next_seq == total_seq + 1 and self.hashed_bytes == size
-        return self.hasher.hexdigest() if self.hasher and complete else None
+        return self.hasher.hexdigest() if complete else None
 
 
 class Assembler:
@@ -107,8 +117,8 @@ class Assembler:
         self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="hash")
         # Touched only by the staging thread; finalize takes what it needs
         # from `_sealed`, which the staging thread fills once a file is whole.
-        self._open: dict[str, OpenSegment] = {}
-        self._sealed: dict[str, OpenSegment] = {}
+        self._images: dict[str, FileImage] = {}
+        self._sealed: dict[str, FileImage] = {}
 
     def stage(self, packets: Sequence[Packet]) -> StageResult:
         """Make packets durable: large payloads to staging, then the catalog.
@@ -117,99 +127,142 @@ class Assembler:
         on the way, and the files that became complete and need finalizing.
         """
         finished = self._finished_files(packets)
+        in_image: dict[str, list[Packet]] = {}
         segments: dict[str, list[Packet]] = {}
         staged: list[tuple[Packet, str | None]] = []
-        for packet in packets:
+        for packet in sorted(packets, key=lambda p: (p.file_id, p.seq)):
             if packet.file_id in finished:
                 continue
-            # A small last chunk joins its file's open segment, so that the
-            # segment can still become the whole file.
-            small = len(packet.data) <= self.settings.inline_chunk_bytes
-            if small and packet.file_id not in self._open:
+            image = self._image_for(packet)
+            if image is not None and image.fits(packet):
+                placed = in_image.setdefault(packet.file_id, [])
+                if not placed or placed[-1].seq != packet.seq:
+                    placed.append(packet)
+                    continue
+            if len(packet.data) <= self.settings.inline_chunk_bytes:
                 staged.append((packet, None))
             else:
                 segments.setdefault(packet.file_id, []).append(packet)
 
-        # A batch's large chunks of one file go to disk together: one fsync
-        # per file and batch instead of one per chunk, which is what lets
-        # staging keep up with the broker.
-        keys, appended = [], []
+        keys = [*self._write_images(in_image, staged)]
+        # The rest of a batch's large chunks of one file go to disk as one
+        # segment: one fsync per file and batch instead of one per chunk.
         for file_id, group in segments.items():
-            group.sort(key=lambda p: p.seq)
-            key, placed = self._write_segment(file_id, group)
-            keys.append(key)
-            appended.extend(placed)
-            staged.extend((p, f"{key.rpartition('/')[2]}@{at}") for p, at in placed)
+            segment = f"{group[0].seq:08d}-{uuid.uuid4().hex[:12]}"
+            keys.append(f"{file_id}/{segment}")
+            self.staging.put(keys[-1], b"".join(p.data for p in group))
+            offset = 0
+            for packet in group:
+                staged.append((packet, f"{segment}@{offset}"))
+                offset += len(packet.data)
 
         # The catalog row is what makes a chunk count, so the staged bytes
         # must be durable before it commits.
         self.staging.sync(keys)
-        result = self.catalog.stage(
-            staged,
-            self.settings.inline_chunk_bytes,
-            min(self.settings.inline_text_bytes, self.settings.max_text_bytes),
-        )
-        self._follow_segments(appended, result)
-        recorded = iter(result.outcomes)
+        try:
+            result = self.catalog.stage(
+                staged,
+                self.settings.inline_chunk_bytes,
+                min(self.settings.inline_text_bytes, self.settings.max_text_bytes),
+            )
+        except BaseException:
+            # Whether the commit happened is unknown, so which places are
+            # taken is too: these files start a new image.
+            for file_id in in_image:
+                self._images.pop(file_id, None)
+            raise
+        self._follow_images(in_image, result)
+        # Back in the order the packets came in, which is not the order
+        # they were staged in.
+        recorded = {id(outcome.packet): outcome for outcome in result.outcomes}
         result.outcomes = [
             StageOutcome(p, "duplicate", "file is finished")
             if p.file_id in finished
-            else next(recorded)
+            else recorded[id(p)]
             for p in packets
         ]
         return result
 
-    def _write_segment(
-        self, file_id: str, group: list[Packet]
-    ) -> tuple[str, list[tuple[Packet, int]]]:
-        """Stage one file's chunks of a batch; return the key and each offset.
+    def _image_for(self, packet: Packet) -> FileImage | None:
+        """The file's image in this worker, begun by its first large chunk.
 
-        On a filesystem the file's open segment grows batch by batch; other
-        stores, which cannot append, get a segment per batch.
+        Only a filesystem can write at offsets. The chunk size is learnt
+        from a chunk that is not the last, which may be shorter.
         """
-        body = b"".join(p.data for p in group)
-        if isinstance(self.staging, FilesystemStore):
-            segment = self._open.get(file_id)
-            if segment is None:
-                segment = self._open_segment(file_id, group[0].seq)
-            key = f"{file_id}/{segment.name}"
-            offset = self.staging.append(key, body)
-        else:
-            key = f"{file_id}/{group[0].seq:08d}-{uuid.uuid4().hex[:12]}"
-            self.staging.put(key, body)
-            offset = 0
+        image = self._images.get(packet.file_id)
+        if image is not None or not isinstance(self.staging, FilesystemStore):
+            return image
+        size = len(packet.data)
+        if size <= self.settings.inline_chunk_bytes:
+            return None
+        if packet.seq == packet.total_seq and packet.total_seq > 1:
+            return None
+        if len(self._images) >= OPEN_IMAGES:
+            del self._images[next(iter(self._images))]
+        name = f"{packet.seq:08d}-{uuid.uuid4().hex[:12]}-image"
+        image = FileImage(name, packet.total_seq, size)
+        self._images[packet.file_id] = image
+        return image
 
-        placed = []
-        for packet in group:
-            placed.append((packet, offset))
-            offset += len(packet.data)
-        return key, placed
+    def _write_images(
+        self,
+        in_image: dict[str, list[Packet]],
+        staged: list[tuple[Packet, str | None]],
+    ) -> Iterator[str]:
+        staging = self.staging
+        if not isinstance(staging, FilesystemStore):
+            return
+        for file_id, group in in_image.items():
+            image = self._images[file_id]
+            key = f"{file_id}/{image.name}"
+            pieces = [(image.offset_of(p.seq), p.data) for p in group]
+            staging.write_at(key, pieces)
+            staged.extend(
+                (p, f"{image.name}@{offset}")
+                for p, (offset, _) in zip(group, pieces, strict=True)
+            )
+            yield key
 
-    def _open_segment(self, file_id: str, first_seq: int) -> OpenSegment:
-        if len(self._open) >= OPEN_SEGMENTS:
-            del self._open[next(iter(self._open))]
-        segment = OpenSegment(f"{first_seq:08d}-{uuid.uuid4().hex[:12]}")
-        self._open[file_id] = segment
-        return segment
-
-    def _follow_segments(
-        self, appended: list[tuple[Packet, int]], result: StageResult
+    def _follow_images(
+        self, in_image: dict[str, list[Packet]], result: StageResult
     ) -> None:
-        """Hash what was appended in order; seal the segments of whole files."""
+        """Note the places the catalog took; hash the prefix; seal whole files."""
         new = {id(o.packet) for o in result.outcomes if o.status == "staged"}
-        for packet, offset in appended:
-            segment = self._open.get(packet.file_id)
-            if segment is not None:
-                segment.record(packet.seq, offset, packet.data, id(packet) in new)
+        for file_id, group in in_image.items():
+            image = self._images.get(file_id)
+            if image is None:
+                continue
+            fresh = {p.seq: p.data for p in group if id(p) in new}
+            image.recorded.update((seq, len(data)) for seq, data in fresh.items())
+            self._hash_prefix(file_id, image, fresh)
 
         for file_id in result.complete:
-            segment = self._open.pop(file_id, None)
-            if segment is not None:
-                if len(self._sealed) >= OPEN_SEGMENTS:
+            image = self._images.pop(file_id, None)
+            if image is not None:
+                if len(self._sealed) >= OPEN_IMAGES:
                     del self._sealed[next(iter(self._sealed))]
-                self._sealed[file_id] = segment
+                self._sealed[file_id] = image
         for record in result.finished:
-            self._open.pop(record.file_id, None)
+            self._images.pop(record.file_id, None)
+
+    def _hash_prefix(
+        self, file_id: str, image: FileImage, fresh: dict[int, bytes]
+    ) -> None:
+        """Hash the chunks that now follow the hashed prefix, in seq order.
+
+        Chunks of this batch are at hand; ones that came early are read
+        back from the image (the page cache, usually).
+        """
+        while image.next_seq in image.recorded:
+            seq = image.next_seq
+            data = fresh.get(seq)
+            if data is None:
+                start, size = image.offset_of(seq), image.recorded[seq]
+                key = f"{file_id}/{image.name}"
+                data = b"".join(self.staging.open_range(key, start, start + size))
+            image.hasher.update(data)
+            image.hashed_bytes += len(data)
+            image.next_seq += 1
 
     def _finished_files(self, packets: Sequence[Packet]) -> set[str]:
         """Files past receiving: a late duplicate's bytes would only be litter."""
@@ -218,7 +271,7 @@ class Assembler:
                 p.file_id
                 for p in packets
                 if len(p.data) > self.settings.inline_chunk_bytes
-                or p.file_id in self._open
+                or p.file_id in self._images
             }
         )
         states = self.catalog.states(large)
@@ -266,7 +319,7 @@ class Assembler:
         return Finalized(updated, state, time.monotonic() - started)
 
     def _store(
-        self, record: FileRecord, hasher: hashlib._Hash, sealed: OpenSegment | None
+        self, record: FileRecord, hasher: hashlib._Hash, sealed: FileImage | None
     ) -> tuple[str, str | None, bytes | None, str | None, str]:
         """Store the file; return its state, location, text, error and SHA-256."""
         if (
@@ -288,7 +341,7 @@ class Assembler:
         return STORED, location, None, None, hasher.hexdigest()
 
     def _adopt_segment(
-        self, record: FileRecord, sealed: OpenSegment | None
+        self, record: FileRecord, sealed: FileImage | None
     ) -> tuple[str, str | None, bytes | None, str | None, str] | None:
         """Store the file by linking its staging segment, where it is one.
 
