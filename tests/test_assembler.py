@@ -20,7 +20,7 @@ from datahaul.config import Settings
 from datahaul.protocol.packet import Packet
 from datahaul.storage.blobs import FilesystemStore, open_store
 from datahaul.storage.catalog import Catalog
-from datahaul.worker.assembler import Assembler
+from datahaul.worker.assembler import Assembler, blob_key
 
 CHUNK = 100_000  # over the 64 KiB kept inline, so chunks are staged
 CONTENT = os.urandom(10 * CHUNK + 10_000)  # a small last chunk, as in real files
@@ -251,6 +251,26 @@ def test_chunks_split_between_two_workers_are_copied_into_one_file(
 
     assert state == "stored"
     stored_blob(catalog)
+
+
+def test_a_store_cut_short_after_the_link_is_redone_by_another_worker(
+    settings: Settings, catalog: Catalog
+) -> None:
+    """The first worker linked the blob, then died before the catalog knew."""
+    first = worker(settings, catalog, "w1")
+    stage_in_batches(first, IN_ORDER)
+    assert catalog.claim("video-1", "w1", lease_seconds=0.05)
+    record = catalog.get("video-1")
+    assert record is not None
+    blobs = open_store(settings.blob_url)
+    assert isinstance(blobs, FilesystemStore)
+    [image] = segments(settings)
+    blobs.adopt(blob_key(record), image)
+    time.sleep(0.1)  # the lease runs out
+
+    assert finalize(worker(settings, catalog, "w2")) == "stored"
+    blob = stored_blob(catalog)
+    assert [p.name for p in blob.parent.iterdir()] == ["run.mp4"]
 
 
 def test_the_blob_is_adopted_again_when_the_store_is_redone(

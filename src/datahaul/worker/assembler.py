@@ -144,7 +144,7 @@ class Assembler:
             else:
                 segments.setdefault(packet.file_id, []).append(packet)
 
-        keys = [*self._write_images(in_image, staged)]
+        keys = self._write_images(in_image, staged)
         # The rest of a batch's large chunks of one file go to disk as one
         # segment: one fsync per file and batch instead of one per chunk.
         for file_id, group in segments.items():
@@ -208,20 +208,22 @@ class Assembler:
         self,
         in_image: dict[str, list[Packet]],
         staged: list[tuple[Packet, str | None]],
-    ) -> Iterator[str]:
+    ) -> list[str]:
+        """Write each chunk at its place in its file's image; add it to `staged`."""
         staging = self.staging
         if not isinstance(staging, FilesystemStore):
-            return
+            return []
+        keys = []
         for file_id, group in in_image.items():
             image = self._images[file_id]
-            key = f"{file_id}/{image.name}"
+            keys.append(f"{file_id}/{image.name}")
             pieces = [(image.offset_of(p.seq), p.data) for p in group]
-            staging.write_at(key, pieces)
+            staging.write_at(keys[-1], pieces)
             staged.extend(
                 (p, f"{image.name}@{offset}")
                 for p, (offset, _) in zip(group, pieces, strict=True)
             )
-            yield key
+        return keys
 
     def _follow_images(
         self, in_image: dict[str, list[Packet]], result: StageResult
@@ -240,7 +242,8 @@ class Assembler:
             image = self._images.pop(file_id, None)
             if image is not None:
                 if len(self._sealed) >= OPEN_IMAGES:
-                    del self._sealed[next(iter(self._sealed))]
+                    # pop, not del: finalize may take the same one meanwhile.
+                    self._sealed.pop(next(iter(self._sealed)), None)
                 self._sealed[file_id] = image
         for record in result.finished:
             self._images.pop(record.file_id, None)
