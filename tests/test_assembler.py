@@ -100,7 +100,7 @@ def stored_blob(catalog: Catalog, file_id: str = "video-1") -> Path:
 IN_ORDER = [[1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 
 
-def test_a_file_staged_once_in_order_is_stored_by_linking_its_segment(
+def test_a_file_staged_once_in_order_is_stored_by_linking_its_image(
     settings: Settings, catalog: Catalog
 ) -> None:
     assembler = worker(settings, catalog)
@@ -110,9 +110,10 @@ def test_a_file_staged_once_in_order_is_stored_by_linking_its_segment(
     assert segment.stat().st_size == len(CONTENT)
     inode = segment.stat().st_ino
 
-    state = finalize(assembler)
+    done = assembler.finalize("video-1")
 
-    assert state == "stored"
+    assert done is not None
+    assert (done.state, done.linked) == ("stored", True)
     blob = stored_blob(catalog)
     assert blob.stat().st_ino == inode
     assert not segment.exists()  # staging is cleared; the blob keeps the bytes

@@ -58,6 +58,19 @@ class Finalized:
     record: FileRecord
     state: str
     duration: float
+    linked: bool = False  # stored by linking its staged image, not copied
+
+
+@dataclass
+class Stored:
+    """What storing a complete file came to, before the catalog hears of it."""
+
+    state: str
+    sha256: str
+    location: str | None = None
+    text: bytes | None = None
+    error: str | None = None
+    linked: bool = False
 
 
 @dataclass
@@ -293,45 +306,44 @@ class Assembler:
 
         hasher = hashlib.sha256()
         try:
-            state, location, text, error, sha256 = self._store(record, hasher, sealed)
+            stored = self._store(record, hasher, sealed)
         except IntegrityError as exc:
-            state, location, text, error = FAILED, None, None, str(exc)
-            sha256 = hasher.hexdigest()
-        mismatch = integrity_error(sha256, record.expected_sha256)
-        if state == STORED and mismatch:
-            state, location, text, error = FAILED, None, None, mismatch
+            stored = Stored(FAILED, hasher.hexdigest(), error=str(exc))
+        mismatch = integrity_error(stored.sha256, record.expected_sha256)
+        if stored.state == STORED and mismatch:
+            stored = Stored(FAILED, stored.sha256, error=mismatch)
 
         finished = self.catalog.finish(
             record,
             self.owner,
-            state=state,
+            state=stored.state,
             size=record.received_bytes,
-            sha256=sha256,
-            location=location,
-            error=error,
-            text=text,
+            sha256=stored.sha256,
+            location=stored.location,
+            error=stored.error,
+            text=stored.text,
         )
         if not finished:
             log.warning("file.lease_lost", file_id=file_id, owner=self.owner)
             return None
         self.staging.delete_prefix(file_id)
-        if state == FAILED:
+        if stored.state == FAILED:
             self._discard_blob(record)
-            log.error("file.failed", file_id=file_id, reason=error)
+            log.error("file.failed", file_id=file_id, reason=stored.error)
         updated = self.catalog.get(file_id) or record
-        return Finalized(updated, state, time.monotonic() - started)
+        duration = time.monotonic() - started
+        return Finalized(updated, stored.state, duration, stored.linked)
 
     def _store(
         self, record: FileRecord, hasher: hashlib._Hash, sealed: FileImage | None
-    ) -> tuple[str, str | None, bytes | None, str | None, str]:
-        """Store the file; return its state, location, text, error and SHA-256."""
+    ) -> Stored:
         if (
             record.type == "text"
             and record.received_bytes <= self.settings.max_text_bytes
         ):
             text = b"".join(self._blocks(record, hasher))
             location = TEXT_LOCATION + record.file_id
-            return STORED, location, text, None, hasher.hexdigest()
+            return Stored(STORED, hasher.hexdigest(), location, text)
 
         adopted = self._adopt_segment(record, sealed)
         if adopted is not None:
@@ -341,11 +353,11 @@ class Assembler:
             self._blocks(record, hasher),
             sha256=record.expected_sha256,
         )
-        return STORED, location, None, None, hasher.hexdigest()
+        return Stored(STORED, hasher.hexdigest(), location)
 
     def _adopt_segment(
         self, record: FileRecord, sealed: FileImage | None
-    ) -> tuple[str, str | None, bytes | None, str | None, str] | None:
+    ) -> Stored | None:
         """Store the file by linking its staging segment, where it is one.
 
         That saves reading every byte back and writing it again. The SHA-256
@@ -377,7 +389,7 @@ class Assembler:
             digest = hasher.hexdigest()
         mismatch = integrity_error(digest, record.expected_sha256)
         if mismatch:
-            return FAILED, None, None, mismatch, digest
+            return Stored(FAILED, digest, error=mismatch)
 
         try:
             location = self.blobs.adopt(blob_key(record), path)
@@ -385,8 +397,7 @@ class Assembler:
             if exc.errno not in NO_LINK:
                 raise
             return None
-        log.debug("file.adopted", file_id=record.file_id, segment=name)
-        return STORED, location, None, None, digest
+        return Stored(STORED, digest, location, linked=True)
 
     def _whole_segment(self, record: FileRecord) -> str | None:
         """The one staging segment holding the file's chunks in order, if any."""

@@ -309,6 +309,7 @@ class Worker:
                 bytes=size,
                 packets=done.record.total_seq,
                 seconds=round(done.duration, 3),
+                linked=done.linked,
             )
         await self._announce([done.record])
 
