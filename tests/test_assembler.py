@@ -188,14 +188,23 @@ def test_each_outcome_answers_its_own_packet(
     video = chunks()
     note = Packet("text", "note-1", 1, 2, b"first half ")
     clash = Packet("image", "video-1", 4, 11, video[3].data)
-    again = msgspec.structs.replace(video[0])
-    batch = [video[2], note, video[0], clash, again, video[1]]
+    again = msgspec.structs.replace(video[1])
+    # The same object twice, too: outcomes must follow positions, not objects.
+    batch = [video[2], note, video[0], clash, video[0], video[1], again]
 
     outcomes = worker(settings, catalog).stage(batch).outcomes
 
     assert [outcome.packet for outcome in outcomes] == batch
     statuses = [outcome.status for outcome in outcomes]
-    assert statuses == ["staged", "staged", "staged", "conflict", "duplicate", "staged"]
+    assert statuses == [
+        "staged",
+        "staged",
+        "staged",
+        "conflict",
+        "duplicate",
+        "staged",
+        "duplicate",
+    ]
 
 
 def test_bytes_of_a_write_that_failed_half_way_are_overwritten(

@@ -140,41 +140,47 @@ class Assembler:
         on the way, and the files that became complete and need finalizing.
         """
         finished = self._finished_files(packets)
-        in_image: dict[str, list[Packet]] = {}
-        segments: dict[str, list[Packet]] = {}
-        staged: list[tuple[Packet, str | None]] = []
-        for packet in sorted(packets, key=lambda p: (p.file_id, p.seq)):
+        # Packets are known by their index in `packets` from here on: the
+        # same packet may come twice, and outcomes must follow the order
+        # the packets came in, not the order they are staged in.
+        names: dict[int, str | None] = {}
+        in_image: dict[str, list[int]] = {}
+        segments: dict[str, list[int]] = {}
+        for index in sorted(
+            range(len(packets)), key=lambda i: (packets[i].file_id, packets[i].seq)
+        ):
+            packet = packets[index]
             if packet.file_id in finished:
                 continue
             image = self._image_for(packet)
             if image is not None and image.fits(packet):
                 placed = in_image.setdefault(packet.file_id, [])
-                if not placed or placed[-1].seq != packet.seq:
-                    placed.append(packet)
+                if not placed or packets[placed[-1]].seq != packet.seq:
+                    placed.append(index)
                     continue
             if len(packet.data) <= self.settings.inline_chunk_bytes:
-                staged.append((packet, None))
+                names[index] = None
             else:
-                segments.setdefault(packet.file_id, []).append(packet)
+                segments.setdefault(packet.file_id, []).append(index)
 
-        keys = self._write_images(in_image, staged)
+        keys = self._write_images(packets, in_image, names)
         # The rest of a batch's large chunks of one file go to disk as one
         # segment: one fsync per file and batch instead of one per chunk.
         for file_id, group in segments.items():
-            segment = f"{group[0].seq:08d}-{uuid.uuid4().hex[:12]}"
+            segment = f"{packets[group[0]].seq:08d}-{uuid.uuid4().hex[:12]}"
             keys.append(f"{file_id}/{segment}")
-            self.staging.put(keys[-1], b"".join(p.data for p in group))
+            self.staging.put(keys[-1], b"".join(packets[i].data for i in group))
             offset = 0
-            for packet in group:
-                staged.append((packet, f"{segment}@{offset}"))
-                offset += len(packet.data)
+            for index in group:
+                names[index] = f"{segment}@{offset}"
+                offset += len(packets[index].data)
 
         # The catalog row is what makes a chunk count, so the staged bytes
         # must be durable before it commits.
         self.staging.sync(keys)
         try:
             result = self.catalog.stage(
-                staged,
+                [(packets[i], name) for i, name in names.items()],
                 self.settings.inline_chunk_bytes,
                 min(self.settings.inline_text_bytes, self.settings.max_text_bytes),
             )
@@ -184,15 +190,13 @@ class Assembler:
             for file_id in in_image:
                 self._images.pop(file_id, None)
             raise
-        self._follow_images(in_image, result)
-        # Back in the order the packets came in, which is not the order
-        # they were staged in.
-        recorded = {id(outcome.packet): outcome for outcome in result.outcomes}
+        outcome_of = dict(zip(names, result.outcomes, strict=True))
+        self._follow_images(packets, in_image, outcome_of, result)
         result.outcomes = [
             StageOutcome(p, "duplicate", "file is finished")
             if p.file_id in finished
-            else recorded[id(p)]
-            for p in packets
+            else outcome_of[i]
+            for i, p in enumerate(packets)
         ]
         return result
 
@@ -219,10 +223,11 @@ class Assembler:
 
     def _write_images(
         self,
-        in_image: dict[str, list[Packet]],
-        staged: list[tuple[Packet, str | None]],
+        packets: Sequence[Packet],
+        in_image: dict[str, list[int]],
+        names: dict[int, str | None],
     ) -> list[str]:
-        """Write each chunk at its place in its file's image; add it to `staged`."""
+        """Write each chunk at its place in its file's image; name it in `names`."""
         staging = self.staging
         if not isinstance(staging, FilesystemStore):
             return []
@@ -230,24 +235,33 @@ class Assembler:
         for file_id, group in in_image.items():
             image = self._images[file_id]
             keys.append(f"{file_id}/{image.name}")
-            pieces = [(image.offset_of(p.seq), p.data) for p in group]
-            staging.write_at(keys[-1], pieces)
-            staged.extend(
-                (p, f"{image.name}@{offset}")
-                for p, (offset, _) in zip(group, pieces, strict=True)
+            places = [image.offset_of(packets[i].seq) for i in group]
+            staging.write_at(
+                keys[-1],
+                [(at, packets[i].data) for i, at in zip(group, places, strict=True)],
+            )
+            names.update(
+                (i, f"{image.name}@{at}") for i, at in zip(group, places, strict=True)
             )
         return keys
 
     def _follow_images(
-        self, in_image: dict[str, list[Packet]], result: StageResult
+        self,
+        packets: Sequence[Packet],
+        in_image: dict[str, list[int]],
+        outcome_of: dict[int, StageOutcome],
+        result: StageResult,
     ) -> None:
         """Note the places the catalog took; hash the prefix; seal whole files."""
-        new = {id(o.packet) for o in result.outcomes if o.status == "staged"}
         for file_id, group in in_image.items():
             image = self._images.get(file_id)
             if image is None:
                 continue
-            fresh = {p.seq: p.data for p in group if id(p) in new}
+            fresh = {
+                packets[i].seq: packets[i].data
+                for i in group
+                if outcome_of[i].status == "staged"
+            }
             image.recorded.update((seq, len(data)) for seq, data in fresh.items())
             self._hash_prefix(file_id, image, fresh)
 
