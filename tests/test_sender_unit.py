@@ -29,7 +29,7 @@ from datahaul.sender import (
     infer_type,
     parse_size,
 )
-from datahaul.sender.batching import Batcher, Queued
+from datahaul.sender.batching import Batcher, Queued, Settlement, accept_all
 from datahaul.sender.chunking import (
     MAX_CHUNK_SIZE,
     BytesSource,
@@ -365,26 +365,29 @@ async def test_batches_stay_within_their_limits_and_lose_nothing() -> None:
     slots = asyncio.Semaphore(2)
     posted: list[list[Queued]] = []
 
+    accepted: list[tuple[int, int]] = []
+
     async def post(batch: list[Queued]) -> None:
         try:
             posted.append(batch)
             await asyncio.sleep(0.001)
-            for item in batch:
-                item.succeed(False)
+            accept_all(batch, False)
         finally:
             slots.release()
 
     batcher = Batcher(post, slots, max_bytes=1000, max_packets=7)
     dispatcher = asyncio.create_task(batcher.run())
-    loop = asyncio.get_running_loop()
+    settlement = Settlement(
+        lambda packets, length, _: accepted.append((packets, length))
+    )
     items = [
-        Queued("f", seq, b"x" * (10 + seq % 90), loop.create_future())
+        Queued("f", seq, b"x" * (10 + seq % 90), seq, settlement)
         for seq in range(1, 401)
     ]
     try:
-        for item in items:
-            await batcher.add(item)
-        await asyncio.gather(*(item.future for item in items))
+        for start in range(0, 400, 50):
+            await batcher.add(items[start : start + 50])
+        await asyncio.wait_for(settlement.wait(), 5)
     finally:
         dispatcher.cancel()
         await batcher.close()
@@ -392,6 +395,32 @@ async def test_batches_stay_within_their_limits_and_lose_nothing() -> None:
     assert all(len(batch) <= 7 for batch in posted)
     assert all(sum(len(i.encoded) + 1 for i in batch) <= 1001 for batch in posted)
     assert max(len(batch) for batch in posted) == 7
+    assert sum(packets for packets, _ in accepted) == 400
+    assert sum(length for _, length in accepted) == sum(range(1, 401))
+
+
+async def test_a_settlement_waits_for_every_packet_and_carries_the_first_error() -> (
+    None
+):
+    """One file's answer comes once all its packets are taken, or with its error."""
+    heard: list[int] = []
+    whole = Settlement(lambda packets, _, __: heard.append(packets))
+    whole.expect(3)
+    whole.accepted(2, 20, False)
+    waiting = asyncio.create_task(whole.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    whole.accepted(1, 10, True)
+    await asyncio.wait_for(waiting, 1)
+    assert heard == [2, 1]
+
+    broken = Settlement(lambda *_: None)
+    broken.expect(2)
+    broken.failed(ValueError("first"))
+    broken.failed(ValueError("second"))
+    broken.accepted(2, 20, False)
+    with pytest.raises(ValueError, match="first"):
+        await broken.wait()
 
 
 async def test_producers_wait_while_the_batch_is_full() -> None:
@@ -403,12 +432,11 @@ async def test_producers_wait_while_the_batch_is_full() -> None:
 
     batcher = Batcher(post, slots, max_bytes=10_000, max_packets=3)
     dispatcher = asyncio.create_task(batcher.run())
-    loop = asyncio.get_running_loop()
+    settlement = Settlement(lambda *_: None)
     try:
-        for seq in range(3):
-            await batcher.add(Queued("f", seq, b"x", loop.create_future()))
+        await batcher.add([Queued("f", seq, b"x", 1, settlement) for seq in range(3)])
         blocked = asyncio.create_task(
-            batcher.add(Queued("f", 4, b"x", loop.create_future()))
+            batcher.add([Queued("f", 4, b"x", 1, settlement)])
         )
         await asyncio.sleep(0.05)
         assert not blocked.done()

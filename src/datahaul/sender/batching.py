@@ -9,27 +9,87 @@ is full, which keeps memory bounded however fast the disk reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+AcceptHook = Callable[[int, int, bool], None]
 
-@dataclass(eq=False)
+
+class Settlement:
+    """The answers one file's send waits for, for all of its queued packets.
+
+    One future per file rather than one per packet: a file of a hundred small
+    packets would otherwise cost a hundred futures and tasks on the sender's
+    event loop, which is where its CPU went. `on_accept(packets, bytes,
+    buffered)` hears each request that took some of them.
+    """
+
+    def __init__(self, on_accept: AcceptHook) -> None:
+        self._on_accept = on_accept
+        self._outstanding = 0
+        self._sealed = False
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def expect(self, packets: int) -> None:
+        self._outstanding += packets
+
+    def accepted(self, packets: int, length: int, buffered: bool) -> None:
+        if self.future.done():
+            return
+        self._outstanding -= packets
+        self._on_accept(packets, length, buffered)
+        self._resolve_if_finished()
+
+    def failed(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    async def wait(self) -> None:
+        """Wait for every packet queued so far; queue no more after calling it."""
+        self._sealed = True
+        self._resolve_if_finished()
+        await self.future
+
+    def abandon(self) -> None:
+        """The send is over: its packets still queued need no trip."""
+        if not self.future.done():
+            self.future.cancel()
+        elif not self.future.cancelled():
+            self.future.exception()  # read, so asyncio does not warn of it
+
+    def _resolve_if_finished(self) -> None:
+        if self._sealed and self._outstanding <= 0 and not self.future.done():
+            self.future.set_result(None)
+
+
+@dataclass(eq=False, slots=True)
 class Queued:
-    """One packet waiting in a batch, and the future its file's send awaits."""
+    """One encoded packet waiting in a batch; `length` is its payload's bytes."""
 
     file_id: str
     seq: int
     encoded: bytes
-    future: asyncio.Future[bool] = field(repr=False)
-
-    def succeed(self, buffered: bool) -> None:
-        if not self.future.done():
-            self.future.set_result(buffered)
+    length: int
+    settlement: Settlement
 
     def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        self.settlement.failed(error)
+
+
+def accept_all(items: Sequence[Queued], buffered: bool) -> None:
+    """Tell each file whose packets a request carried that they were taken."""
+    tallies: dict[Settlement, list[int]] = {}
+    for item in items:
+        tally = tallies.setdefault(item.settlement, [0, 0])
+        tally[0] += 1
+        tally[1] += item.length
+    for settlement, (packets, length) in tallies.items():
+        settlement.accepted(packets, length, buffered)
 
 
 PostBatch = Callable[[list[Queued]], Coroutine[Any, Any, None]]
@@ -59,12 +119,17 @@ class Batcher:
         self._changed = asyncio.Condition()
         self._posts: set[asyncio.Task[None]] = set()
 
-    async def add(self, item: Queued) -> None:
-        """Queue a packet, waiting while the batch being gathered is full."""
+    async def add(self, items: Sequence[Queued]) -> None:
+        """Queue packets in order, waiting whenever the batch being gathered is
+        full; each counts against its file's settlement as it finds a place."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._has_room_for(item))
-            self._pending.append(item)
-            self._pending_bytes += len(item.encoded)
+            for item in items:
+                if not self._has_room_for(item):
+                    self._changed.notify_all()
+                    await self._changed.wait_for(self._room_test(item))
+                self._pending.append(item)
+                self._pending_bytes += len(item.encoded)
+                item.settlement.expect(1)
             self._changed.notify_all()
 
     async def run(self) -> None:
@@ -88,9 +153,12 @@ class Batcher:
         for task in list(self._posts):
             task.cancel()
         for item in self._take():
-            item.future.cancel()
+            item.settlement.abandon()
         if self._posts:
             await asyncio.gather(*self._posts, return_exceptions=True)
+
+    def _room_test(self, item: Queued) -> Callable[[], bool]:
+        return lambda: self._has_room_for(item)
 
     def _has_room_for(self, item: Queued) -> bool:
         if not self._pending:
@@ -101,7 +169,7 @@ class Batcher:
 
     def _take(self) -> list[Queued]:
         # Packets whose file already failed or was cancelled need no trip.
-        batch = [item for item in self._pending if not item.future.done()]
+        batch = [item for item in self._pending if not item.settlement.done]
         self._pending = []
         self._pending_bytes = 0
         return batch

@@ -13,6 +13,7 @@ JSON batches.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import random
@@ -32,7 +33,13 @@ import structlog
 from datahaul.config import Settings
 from datahaul.errors import ConfigError, DatahaulError
 from datahaul.protocol.packet import DataType, Packet
-from datahaul.sender.batching import Batcher, Queued, encode_batch
+from datahaul.sender.batching import (
+    Batcher,
+    Queued,
+    Settlement,
+    accept_all,
+    encode_batch,
+)
 from datahaul.sender.chunking import (
     DEFAULT_CHUNK_SIZE,
     BytesSource,
@@ -161,6 +168,8 @@ class _FileSend:
 RESUME_CHECK_BYTES = 64 * 1024
 # Chunks from this size on are read and hashed off the event loop.
 THREADED_READ_BYTES = 64 * 1024
+# Small packets are read, encoded and queued in runs of about this many bytes.
+RUN_BYTES = THREADED_READ_BYTES
 
 
 class _Refused(Exception):
@@ -530,25 +539,43 @@ class Sender:
     async def _send_seqs(
         self, state: _FileSend, source: ChunkSource, seqs: list[int]
     ) -> None:
+        settlement = Settlement(functools.partial(self._record, state))
+        run: list[int] = []
+        run_bytes = 0
         try:
             async with asyncio.TaskGroup() as group:
                 for seq in seqs:
                     if self._goes_raw(state, seq):
-                        await self._slots.acquire()
-                        try:
-                            packet = await self._read_packet(state, source, seq)
-                        except BaseException:
-                            self._slots.release()
-                            raise
-                        group.create_task(self._put(state, packet))
-                    else:
-                        packet = await self._read_packet(state, source, seq)
-                        accepted = await self._enqueue(packet)
-                        group.create_task(
-                            self._settle(state, packet.seq, len(packet.data), accepted)
-                        )
+                        await self._enqueue(state, source, run, settlement)
+                        run, run_bytes = [], 0
+                        await self._put_soon(group, state, source, seq)
+                        continue
+                    run.append(seq)
+                    run_bytes += state.plan.length(seq)
+                    if run_bytes >= RUN_BYTES:
+                        await self._enqueue(state, source, run, settlement)
+                        run, run_bytes = [], 0
+                await self._enqueue(state, source, run, settlement)
+                group.create_task(settlement.wait())
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
+        finally:
+            settlement.abandon()
+
+    async def _put_soon(
+        self,
+        group: asyncio.TaskGroup,
+        state: _FileSend,
+        source: ChunkSource,
+        seq: int,
+    ) -> None:
+        await self._slots.acquire()
+        try:
+            packet = await self._read_packet(state, source, seq)
+        except BaseException:
+            self._slots.release()
+            raise
+        group.create_task(self._put(state, packet))
 
     def _goes_raw(self, state: _FileSend, seq: int) -> bool:
         return bool(state.raw_fields) and state.plan.length(seq) > self._inline_limit
@@ -584,30 +611,37 @@ class Sender:
             raise refusal.naming(packet.file_id, packet.seq) from None
         finally:
             self._slots.release()
-        self._record(state, packet.seq, len(packet.data), _buffered(answer))
+        self._record(state, 1, len(packet.data), _buffered(answer))
 
-    async def _enqueue(self, packet: Packet) -> asyncio.Future[bool]:
-        # Waiting here while the batch is full is what bounds memory: the
-        # next chunk is read only once this one has found a place.
+    async def _enqueue(
+        self,
+        state: _FileSend,
+        source: ChunkSource,
+        seqs: list[int],
+        settlement: Settlement,
+    ) -> None:
+        # Waiting in the batcher while the batch is full is what bounds
+        # memory: the next run is read only once this one has found a place.
+        if not seqs:
+            return
         if self._batcher is None:
             raise RuntimeError("use the Sender inside `async with Sender(...)`")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        encoded = _encoder.encode(packet)
-        await self._batcher.add(Queued(packet.file_id, packet.seq, encoded, future))
-        return future
-
-    async def _settle(
-        self, state: _FileSend, seq: int, length: int, accepted: asyncio.Future[bool]
-    ) -> None:
-        buffered = await accepted
-        self._record(state, seq, length, buffered)
+        queued = []
+        for seq in seqs:
+            packet = await self._read_packet(state, source, seq)
+            encoded = _encoder.encode(packet)
+            queued.append(
+                Queued(state.file_id, seq, encoded, len(packet.data), settlement)
+            )
+        await self._batcher.add(queued)
 
     async def _post_batch(self, items: list[Queued]) -> None:
         try:
             await self._post_items(items)
         except asyncio.CancelledError:
+            closed = SendError("the sender closed before the packet was sent")
             for item in items:
-                item.fail(SendError("the sender closed before the packet was sent"))
+                item.fail(closed)
             raise
         except Exception as error:
             for item in items:
@@ -616,7 +650,7 @@ class Sender:
             self._slots.release()
 
     async def _post_items(self, items: list[Queued]) -> None:
-        items = [item for item in items if not item.future.done()]
+        items = [item for item in items if not item.settlement.done]
         if not items:
             return
         try:
@@ -633,8 +667,7 @@ class Sender:
             for item in items:
                 item.fail(error)
             return
-        for item in items:
-            item.succeed(_buffered(answer))
+        accept_all(items, _buffered(answer))
 
     async def _after_refusal(self, items: list[Queued], refusal: _Refused) -> None:
         # A request is all or nothing: fail the file that was refused and send
@@ -654,9 +687,11 @@ class Sender:
         else:
             items[0].fail(refusal.naming(items[0].file_id, items[0].seq))
 
-    def _record(self, state: _FileSend, seq: int, length: int, buffered: bool) -> None:
-        state.sent += 1
-        state.buffered += int(buffered)
+    def _record(
+        self, state: _FileSend, packets: int, length: int, buffered: bool
+    ) -> None:
+        state.sent += packets
+        state.buffered += packets if buffered else 0
         self._emit(state.source, "sending", state.plan.size, length)
 
     async def _request(
