@@ -136,3 +136,45 @@ def test_health_and_ledger_after_bad_input(small_chunk_gateway):
     code, ledger = call(f"{small_chunk_gateway}/v1/files/l1")
     assert code == 200
     assert (ledger["received"], ledger["missing"]) == (1, [[1, 2]])
+
+
+def test_many_files_status_in_one_question(small_chunk_gateway):
+    """POST /v1/files/status answers each named file: its ledger, or null."""
+    post_packets(small_chunk_gateway, [_good(file_id="q1", seq=2)])
+    post_packets(small_chunk_gateway, [_good(file_id="q2", seq=s) for s in (1, 2)])
+    body = json.dumps({"file_ids": ["q1", "q2", "never-sent"]}).encode()
+    code, answer = call(
+        f"{small_chunk_gateway}/v1/files/status",
+        body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    assert code == 200, answer
+    files = answer["files"]
+    assert (files["q1"]["received"], files["q1"]["missing"]) == (1, [[1, 1], [3, 4]])
+    assert (files["q2"]["received"], files["q2"]["missing"]) == (2, [[3, 4]])
+    assert files["never-sent"] is None
+    assert files["q1"] == call(f"{small_chunk_gateway}/v1/files/q1")[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "names"),
+    [
+        (b"{oops", "$", "not valid JSON"),
+        (b"[]", "file_ids", "non-empty list"),
+        (b'{"file_ids": []}', "file_ids", "non-empty list"),
+        (b'{"file_ids": ["ok", "../etc"]}', "file_ids", "entry 1"),
+        (b'{"file_ids": ["ok", 7]}', "file_ids", "entry 1"),
+        (json.dumps({"file_ids": ["f"] * 1001}).encode(), "file_ids", "1001 files"),
+    ],
+)
+def test_bad_status_questions_are_400(small_chunk_gateway, body, field, names):
+    """A status question that is not a list of file ids says what was wrong."""
+    code, answer = call(
+        f"{small_chunk_gateway}/v1/files/status",
+        body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    assert (code, answer["field"]) == (400, field), answer
+    assert names in answer["reason"]

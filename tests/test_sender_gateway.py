@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from datahaul.sender import (
     Sender,
     SendResult,
 )
+from pipeline_helpers import post_packets
 
 DATAHAUL = Path(sys.executable).parent / "datahaul"
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"
@@ -250,6 +252,43 @@ async def test_a_resend_moves_only_what_the_gateway_lacks(
     whole = _file_status(gateway, file_id)
     assert whole is not None
     assert (whole["received"], whole["missing"], whole["complete"]) == (40, [], True)
+
+
+async def test_many_files_resume_from_shared_status_questions(
+    start: StartProcess, tmp_path: Path
+) -> None:
+    """Files asked about together each get their own answer: the ones the
+    gateway has move nothing, the half-sent one moves its missing packets."""
+    gateway = start("gateway")
+    logs = [tmp_path / f"log-{n}.ndjson" for n in range(40)]
+    for n, path in enumerate(logs):
+        path.write_text("".join(f'{{"n": {n}, "t": {t}}}\n' for t in range(6_000)))
+    partial = logs[-1].read_bytes()
+    total_seq = -(-len(partial) // 4096)
+    head = [
+        {
+            "type": "text",
+            "file_id": hashlib.sha256(partial).hexdigest()[:32],
+            "seq": seq,
+            "total_seq": total_seq,
+            "data": base64.b64encode(partial[(seq - 1) * 4096 : seq * 4096]).decode(),
+        }
+        for seq in range(1, 10)
+    ]
+    assert post_packets(gateway, head)[0] == 200
+
+    async with Sender(gateway) as sender:
+        first = await sender.send_files(logs[:20], chunk_size="4K")
+        again = await sender.send_files(logs, chunk_size="4K")
+
+    assert all(isinstance(r, SendResult) and r.status == "sent" for r in first)
+    done_before = [r for r in again[:20] if isinstance(r, SendResult)]
+    assert [r.packets_sent for r in done_before] == [0] * 20
+    new = [r for r in again[20:39] if isinstance(r, SendResult)]
+    assert [r.packets_skipped for r in new] == [0] * 19
+    resumed = again[39]
+    assert isinstance(resumed, SendResult), resumed
+    assert (resumed.packets_skipped, resumed.packets_sent) == (9, total_seq - 9)
 
 
 async def test_a_refused_packet_names_its_file_and_spares_the_others(

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import typer
+from aiohttp import web
 from typer.testing import CliRunner
 
 from datahaul.cli import send as send_command
@@ -531,3 +532,47 @@ def test_cli_reports_an_unreachable_gateway(tmp_path: Path) -> None:
     rows = msgspec.json.decode(result.stdout)
     assert rows[0]["status"] == "failed"
     assert rows[0]["error"] == "GatewayUnavailable"
+
+
+async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
+    tmp_path: Path,
+) -> None:
+    """A gateway from before POST /v1/files/status answers it 405; the sender
+    then asks it one GET per file, and still resumes."""
+    done, fresh = tmp_path / "done.log", tmp_path / "fresh.log"
+    done.write_text("a\n" * 40_000)
+    fresh.write_text("b\n" * 40_000)
+    done_id = file_id_from_sha256(hashlib.sha256(done.read_bytes()).hexdigest())
+    asked: list[str] = []
+    posted: list[str] = []
+
+    async def get_file(request: web.Request) -> web.Response:
+        file_id = request.match_info["file_id"]
+        asked.append(file_id)
+        if file_id != done_id:
+            return web.json_response({"error": "NotFound"}, status=404)
+        status = {"type": "text", "total_seq": 20, "complete": True, "missing": []}
+        return web.json_response(status)
+
+    async def post_packets(request: web.Request) -> web.Response:
+        packets = await request.json()
+        posted.extend(packet["file_id"] for packet in packets)
+        return web.json_response({"accepted": len(packets), "buffered": 0})
+
+    older = web.Application()
+    older.router.add_get("/v1/files/{file_id}", get_file)
+    older.router.add_post("/v1/packets", post_packets)
+    runner = web.AppRunner(older)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with Sender(f"http://127.0.0.1:{port}") as sender:
+            results = await sender.send_files([done, fresh], chunk_size="4K")
+    finally:
+        await runner.cleanup()
+
+    assert [getattr(r, "status", r) for r in results] == ["already sent", "sent"]
+    assert sorted(asked) == sorted([done_id, results[1].file_id])
+    assert set(posted) == {results[1].file_id}

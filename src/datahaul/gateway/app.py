@@ -12,7 +12,13 @@ from datahaul import metrics
 from datahaul.config import Settings
 from datahaul.errors import OutboxFull, PacketConflict, PacketError
 from datahaul.gateway.service import Gateway
-from datahaul.protocol.packet import Packet, check, from_fields, shape_error
+from datahaul.protocol.packet import (
+    FILE_ID_PATTERN,
+    Packet,
+    check,
+    from_fields,
+    shape_error,
+)
 
 log = structlog.get_logger("datahaul.gateway")
 
@@ -20,6 +26,8 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 HEADER_PREFIX = "x-datahaul-"
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
 RETRY_AFTER_SECONDS = 5
+# One status question may name this many files; a sender asks for fewer.
+MAX_STATUS_FILES = 1000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _packet_decoder = msgspec.json.Decoder(Packet | list[Packet])
@@ -36,6 +44,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/packets", post_packets)
     app.router.add_put("/v1/files/{file_id}/chunks/{seq}", put_chunk)
     app.router.add_get("/v1/files/{file_id}", get_file)
+    app.router.add_post("/v1/files/status", post_file_statuses)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", healthz)
     metrics.expose(app, metrics.GATEWAY)
@@ -122,6 +131,54 @@ async def get_file(request: web.Request) -> web.Response:
             status=404,
         )
     return web.json_response(status)
+
+
+async def post_file_statuses(request: web.Request) -> web.Response:
+    """What the gateway has of many files at once: one question, one answer."""
+    gateway = request.app[GATEWAY_KEY]
+    try:
+        file_ids = _asked_file_ids(await request.read())
+    except _BadQuestion as exc:
+        return web.json_response(
+            {"error": "BadRequest", "field": exc.field, "reason": exc.reason},
+            status=400,
+        )
+    statuses = await gateway.ledger.statuses(file_ids)
+    return web.json_response({"files": statuses})
+
+
+class _BadQuestion(Exception):
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+def _asked_file_ids(body: bytes) -> list[str]:
+    try:
+        question = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise _BadQuestion("$", f"body is not valid JSON: {exc}") from None
+    file_ids = question.get("file_ids") if isinstance(question, dict) else None
+    if not isinstance(file_ids, list) or not file_ids:
+        raise _BadQuestion(
+            "file_ids",
+            'must be a non-empty list of file ids: {"file_ids": ["...", ...]}',
+        )
+    if len(file_ids) > MAX_STATUS_FILES:
+        raise _BadQuestion(
+            "file_ids",
+            f"names {len(file_ids)} files, over the limit of {MAX_STATUS_FILES}; "
+            "ask in several requests",
+        )
+    for index, file_id in enumerate(file_ids):
+        if not isinstance(file_id, str) or not FILE_ID_PATTERN.match(file_id):
+            raise _BadQuestion(
+                "file_ids",
+                f"entry {index} ({file_id!r}) is not a file id: 1-128 letters, "
+                "digits, '.', '_' or '-', starting with a letter or digit",
+            )
+    return file_ids
 
 
 async def healthz(request: web.Request) -> web.Response:

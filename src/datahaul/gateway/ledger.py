@@ -100,6 +100,15 @@ class Ledger:
         await self._writes.flush()
         return await self.db.run(lambda db: _status(db, file_id))
 
+    async def statuses(
+        self, file_ids: Sequence[str]
+    ) -> dict[str, dict[str, Any] | None]:
+        """`status` of each file, in one trip to the database thread."""
+        await self._writes.flush()
+        return await self.db.run(
+            lambda db: {file_id: _status(db, file_id) for file_id in file_ids}
+        )
+
     async def forget_older_than(self, seconds: float) -> int:
         cutoff = time.time() - seconds
         return await self.db.run(lambda db: _forget(db, cutoff))

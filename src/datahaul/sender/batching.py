@@ -9,7 +9,8 @@ is full, which keeps memory bounded however fast the disk reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+import itertools
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,3 +179,89 @@ class Batcher:
 def encode_batch(items: list[Queued]) -> bytes:
     """A JSON array of already encoded packets."""
     return b"[" + b",".join(item.encoded for item in items) + b"]"
+
+
+AskStatuses = Callable[[list[str]], Coroutine[Any, Any, Mapping[str, Any]]]
+
+
+class StatusQuestions:
+    """Files whose status at the gateway is wanted, asked about together.
+
+    A send that resumes first asks what the gateway already has. Asked one
+    file per request, a burst of small files spent more requests on that
+    question than on their packets; gathered like packets, whatever waits
+    goes in one request as soon as a slot is free. `ask` takes file ids
+    and answers each with its status, or None for a file the gateway has
+    not seen; it runs holding one slot of `slots`.
+    """
+
+    def __init__(
+        self, ask: AskStatuses, slots: asyncio.Semaphore, *, max_files: int
+    ) -> None:
+        self._ask = ask
+        self._slots = slots
+        self._max_files = max_files
+        self._waiting: dict[str, list[asyncio.Future[Any]]] = {}
+        self._wake = asyncio.Event()
+        self._asking: set[asyncio.Task[None]] = set()
+
+    async def status(self, file_id: str) -> Any:
+        """The gateway's status of one file, or None when it has none of it."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(file_id, []).append(answer)
+        self._wake.set()
+        return await answer
+
+    async def run(self) -> None:
+        """Ask until cancelled."""
+        while True:
+            await self._wake.wait()
+            await self._slots.acquire()
+            asked = self._take()
+            if not asked:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._answer(asked))
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
+
+    async def close(self) -> None:
+        for task in list(self._asking):
+            task.cancel()
+        for answers in self._take(everything=True).values():
+            for answer in answers:
+                answer.cancel()
+        if self._asking:
+            await asyncio.gather(*self._asking, return_exceptions=True)
+
+    def _take(
+        self, *, everything: bool = False
+    ) -> dict[str, list[asyncio.Future[Any]]]:
+        limit = len(self._waiting) if everything else self._max_files
+        asked = dict(itertools.islice(self._waiting.items(), limit))
+        for file_id in asked:
+            del self._waiting[file_id]
+        if not self._waiting:
+            self._wake.clear()
+        return asked
+
+    async def _answer(self, asked: dict[str, list[asyncio.Future[Any]]]) -> None:
+        try:
+            statuses = await self._ask(list(asked))
+        except asyncio.CancelledError:
+            for answers in asked.values():
+                for answer in answers:
+                    answer.cancel()
+            raise
+        except Exception as error:
+            for answers in asked.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(error)
+            return
+        finally:
+            self._slots.release()
+        for file_id, answers in asked.items():
+            for answer in answers:
+                if not answer.done():
+                    answer.set_result(statuses.get(file_id))

@@ -37,6 +37,7 @@ from datahaul.sender.batching import (
     Batcher,
     Queued,
     Settlement,
+    StatusQuestions,
     accept_all,
     encode_batch,
 )
@@ -71,6 +72,7 @@ INLINE_LIMIT = 64 * KiB
 BATCH_BYTES = 256 * KiB
 BATCH_PACKETS = 500
 FILES_IN_FLIGHT = 64
+STATUS_FILES_PER_QUESTION = 256
 # aiohttp refuses header lines over 8 KiB; past this, fields go in a JSON body.
 HEADER_BUDGET = 4 * KiB
 
@@ -241,7 +243,10 @@ class Sender:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._batcher: Batcher | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._questions: StatusQuestions | None = None
+        self._dispatchers: list[asyncio.Task[None]] = []
+        # Set on meeting a gateway older than the many-file status question.
+        self._status_file_by_file = False
 
     async def __aenter__(self) -> Sender:
         connector = aiohttp.TCPConnector(
@@ -256,7 +261,13 @@ class Sender:
             max_bytes=self._batch_bytes,
             max_packets=self._batch_packets,
         )
-        self._dispatcher = asyncio.create_task(self._batcher.run())
+        self._questions = StatusQuestions(
+            self._ask_statuses, self._slots, max_files=STATUS_FILES_PER_QUESTION
+        )
+        self._dispatchers = [
+            asyncio.create_task(self._batcher.run()),
+            asyncio.create_task(self._questions.run()),
+        ]
         return self
 
     async def __aexit__(
@@ -265,14 +276,17 @@ class Sender:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for dispatcher in self._dispatchers:
+            dispatcher.cancel()
+        await asyncio.gather(*self._dispatchers, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.close()
+        if self._questions is not None:
+            await self._questions.close()
         if self._session is not None:
             await self._session.close()
-        self._session = self._batcher = self._dispatcher = None
+        self._session = self._batcher = self._questions = None
+        self._dispatchers = []
 
     async def send_file(
         self,
@@ -372,15 +386,51 @@ class Sender:
         check_file_id(file_id)
         await self._slots.acquire()
         try:
+            return await self._status_of(file_id)
+        finally:
+            self._slots.release()
+
+    async def _status_of(self, file_id: str) -> dict[str, Any] | None:
+        try:
             status, answer = await self._request(
                 "GET", f"/v1/files/{file_id}", also_ok=(404,)
             )
         except _Refused as refusal:
             raise refusal.naming(file_id, None) from None
-        finally:
-            self._slots.release()
-        if status == 404:
-            return None
+        return None if status == 404 else self._checked_status(file_id, answer)
+
+    async def _ask_statuses(self, file_ids: list[str]) -> dict[str, Any]:
+        """Many files' status in one request (StatusQuestions calls it)."""
+        if self._status_file_by_file:
+            return {file_id: await self._status_of(file_id) for file_id in file_ids}
+        try:
+            _, answer = await self._request(
+                "POST",
+                "/v1/files/status",
+                data=_encoder.encode({"file_ids": file_ids}),
+                headers={"Content-Type": "application/json"},
+            )
+        except _Refused as refusal:
+            if refusal.status not in (404, 405):
+                raise refusal.naming(file_ids[0], None) from None
+            # A gateway from before this question: ask it file by file.
+            self._status_file_by_file = True
+            return await self._ask_statuses(file_ids)
+        files = answer.get("files") if isinstance(answer, dict) else None
+        if not isinstance(files, dict):
+            raise SendError(
+                f"the gateway's answer to a status question is not "
+                f'{{"files": {{...}}}} but {answer!r}; is {self.gateway_url} a '
+                "datahaul gateway?"
+            )
+        return {
+            file_id: None
+            if files.get(file_id) is None
+            else self._checked_status(file_id, files[file_id])
+            for file_id in file_ids
+        }
+
+    def _checked_status(self, file_id: str, answer: Any) -> dict[str, Any]:
         if not isinstance(answer, dict):
             raise SendError(
                 f"the gateway's status of file {file_id} is not a JSON object: "
@@ -475,7 +525,7 @@ class Sender:
         # for a small file, sending it again is cheaper, and the workers
         # ignore the duplicates.
         status = (
-            await self.file_status(state.file_id)
+            await self._status_question(state.file_id)
             if state.plan.size > RESUME_CHECK_BYTES
             else None
         )
@@ -504,6 +554,12 @@ class Sender:
             packets_skipped=skipped,
             packets_buffered=state.buffered,
         )
+
+    async def _status_question(self, file_id: str) -> dict[str, Any] | None:
+        if self._questions is None:
+            raise RuntimeError("use the Sender inside `async with Sender(...)`")
+        status: dict[str, Any] | None = await self._questions.status(file_id)
+        return status
 
     def _seqs_to_send(
         self, state: _FileSend, status: Mapping[str, Any] | None
