@@ -29,9 +29,17 @@ Send = Callable[[list[Outgoing]], Awaitable[int]]
 
 
 @dataclass
+class _Share:
+    """One request's packets in one bundle: they are answered together."""
+
+    answer: asyncio.Future[bool]
+    packets: int = 0
+
+
+@dataclass
 class _Waiting:
     packets: list[Packet] = field(default_factory=list)
-    answers: list[asyncio.Future[bool]] = field(default_factory=list)
+    shares: list[_Share] = field(default_factory=list)
     size: int = 0
 
 
@@ -55,24 +63,36 @@ class Coalescer:
         return len(packet.data) + FRAME_OVERHEAD <= self._bundle_bytes // 32
 
     async def submit(self, packets: Sequence[Packet]) -> int:
+        # One future per bundle a request's packets went into, not one per
+        # packet: a batch of 200 would otherwise cost 200 futures and
+        # callbacks on the event loop for a single answer.
         loop = asyncio.get_running_loop()
-        answers: list[asyncio.Future[bool]] = []
+        mine: dict[int, _Share] = {}
         for packet in packets:
-            answer: asyncio.Future[bool] = loop.create_future()
-            answers.append(answer)
             waiting = self._waiting.setdefault(packet.type, _Waiting())
+            share = mine.get(id(waiting))
+            if share is None:
+                share = mine[id(waiting)] = _Share(loop.create_future())
+                waiting.shares.append(share)
+            share.packets += 1
             waiting.packets.append(packet)
-            waiting.answers.append(answer)
             waiting.size += len(packet.data) + FRAME_OVERHEAD
             if waiting.size >= self._bundle_bytes:
                 self._send(packet.type, full=True)
         self._send_partials()
 
-        outcomes = await asyncio.gather(*answers, return_exceptions=True)
+        shares = list(mine.values())
+        outcomes = await asyncio.gather(
+            *(share.answer for share in shares), return_exceptions=True
+        )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return sum(1 for buffered in outcomes if buffered)
+        return sum(
+            share.packets
+            for share, buffered in zip(shares, outcomes, strict=True)
+            if buffered
+        )
 
     def _send_partials(self) -> None:
         for data_type in list(self._waiting):
@@ -93,21 +113,21 @@ class Coalescer:
         try:
             buffered = await self._send_messages([message]) > 0
         except Exception as exc:
-            _answer(waiting.answers, exc)
+            _answer(waiting.shares, exc)
         else:
-            _answer(waiting.answers, buffered)
+            _answer(waiting.shares, buffered)
         finally:
             if not full:
                 self._partial_in_flight -= 1
             self._send_partials()
 
 
-def _answer(answers: list[asyncio.Future[bool]], outcome: bool | Exception) -> None:
-    for answer in answers:
+def _answer(shares: list[_Share], outcome: bool | Exception) -> None:
+    for share in shares:
         # A request whose client went away was cancelled; nothing to tell it.
-        if answer.done():
+        if share.answer.done():
             continue
         if isinstance(outcome, Exception):
-            answer.set_exception(outcome)
+            share.answer.set_exception(outcome)
         else:
-            answer.set_result(outcome)
+            share.answer.set_result(outcome)
