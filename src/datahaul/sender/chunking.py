@@ -6,6 +6,7 @@ before the first request is decided here, so that it can be tested alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import mimetypes
@@ -230,8 +231,9 @@ class ChunkPlan:
     size: int
     chunk_size: int
 
-    @property
+    @functools.cached_property
     def total_seq(self) -> int:
+        # Asked for every packet's offset and length: worked out once.
         return total_seq_for(self.size, self.chunk_size)
 
     def offset(self, seq: int) -> int:

@@ -43,6 +43,7 @@ from datahaul.sender.batching import (
 )
 from datahaul.sender.chunking import (
     DEFAULT_CHUNK_SIZE,
+    WHOLE_FILE_BYTES,
     BytesSource,
     ChunkPlan,
     ChunkSource,
@@ -501,9 +502,11 @@ class Sender:
     ) -> _FileSend:
         if file_id is not None:
             check_file_id(file_id)
+        # A file small enough to be held whole is hashed here: a thread hop
+        # costs the event loop more than hashing a quarter of a MiB.
         sha256 = (
             sha256_of(source)
-            if source.size < THREADED_READ_BYTES
+            if source.size <= WHOLE_FILE_BYTES
             else await asyncio.to_thread(sha256_of, source)
         )
         state = _FileSend(
