@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import struct
 
 import msgspec
 import pytest
@@ -182,6 +183,40 @@ def test_a_truncated_bundle_is_refused():
     body = wire.encode_bundle([_packet(), _packet(seq=2)])
     with pytest.raises(PacketError, match=r"runs past the end|truncated"):
         wire.decode_message(body[:-3], {}, wire.BUNDLE_CONTENT_TYPE, "image", 1024)
+
+
+def _frames(*headers: dict[str, object], data: bytes = b"chunk") -> bytes:
+    body = b""
+    for header in headers:
+        encoded = json.dumps(header).encode()
+        body += struct.pack(">II", len(encoded), len(data)) + encoded + data
+    return body
+
+
+def test_bundles_framed_before_the_empty_data_field_still_decode():
+    """Frames whose header has no "data" key (outboxes and queues filled by a
+    gateway before 2026-12-04) decode as before."""
+    fields = {"type": "image", "file_id": "old-1", "total_seq": 2}
+    body = _frames({**fields, "seq": 1}, {**fields, "seq": 2})
+    decoded = wire.decode_message(body, {}, wire.BUNDLE_CONTENT_TYPE, "image", 1024)
+    assert [(p.file_id, p.seq, p.data) for p in decoded] == [
+        ("old-1", 1, b"chunk"),
+        ("old-1", 2, b"chunk"),
+    ]
+
+
+def test_a_bad_frame_header_names_its_field_and_frame():
+    """A frame whose header breaks the protocol is refused naming the field."""
+    good = {"type": "image", "file_id": "f1", "seq": 1, "total_seq": 2, "data": ""}
+    bad = {**good, "seq": "two"}
+    body = _frames(good, bad)
+    with pytest.raises(PacketError) as caught:
+        wire.decode_message(body, {}, wire.BUNDLE_CONTENT_TYPE, "image", 1024)
+    assert (caught.value.field, caught.value.index) == ("seq", 1)
+    with pytest.raises(PacketError, match="not valid JSON"):
+        wire.decode_message(
+            struct.pack(">II", 3, 0) + b"{x}", {}, wire.BUNDLE_CONTENT_TYPE, "image", 1
+        )
 
 
 def test_design_note_json_takes_its_type_from_the_queue():

@@ -42,12 +42,6 @@ class Packet(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     file_sha256: str | None = None
     metadata: dict[str, Any] | None = None
 
-    def header(self) -> dict[str, Any]:
-        """Every field but the payload, as plain values."""
-        fields = msgspec.structs.asdict(self)
-        del fields["data"]
-        return {k: v for k, v in fields.items() if v is not None}
-
 
 def check(packet: Packet, max_chunk_bytes: int) -> Packet:
     """Raise PacketError naming the first field that breaks the protocol."""
