@@ -14,7 +14,7 @@ from datahaul.config import Settings
 from datahaul.errors import PacketError
 from datahaul.gateway.service import plan_messages
 from datahaul.protocol import wire
-from datahaul.protocol.packet import Packet, check, from_fields, shape_error
+from datahaul.protocol.packet import Packet, check, check_all, from_fields, shape_error
 from datahaul.storage.catalog import missing_ranges
 
 
@@ -115,6 +115,28 @@ def test_rule_breaking_packets_are_refused_naming_the_field(changes, field):
     with pytest.raises(PacketError) as caught:
         check(_packet(**changes), max_chunk_bytes=1024)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "reason"),
+    [
+        ({"file_sha256": "F" * 64}, "file_sha256", "lowercase"),
+        ({"chunk_sha256": "abc"}, "chunk_sha256", "lowercase"),
+        ({"chunk_sha256": "0" * 64}, "chunk_sha256", "does not match"),
+        ({"seq": 11}, "seq", "1..10"),
+    ],
+)
+def test_a_batch_check_finds_the_packet_that_breaks_a_rule(bad, field, reason):
+    """Fields checked once per file still catch a later packet of that file
+    that differs; the error says which packet."""
+    digest = hashlib.sha256(b"whole file").hexdigest()
+    good = [_packet(seq=seq, file_sha256=digest) for seq in (1, 2)]
+    batch = [*good, _packet(**{"seq": 3, "file_sha256": digest, **bad})]
+    with pytest.raises(PacketError) as caught:
+        check_all(batch, max_chunk_bytes=1024)
+    assert (caught.value.field, caught.value.index) == (field, 2)
+    assert reason in caught.value.reason
+    check_all(good, max_chunk_bytes=1024)
 
 
 def test_a_matching_chunk_checksum_passes():

@@ -16,6 +16,7 @@ from datahaul.protocol.packet import (
     FILE_ID_PATTERN,
     Packet,
     check,
+    check_all,
     from_fields,
     shape_error,
 )
@@ -100,12 +101,11 @@ async def post_packets(request: web.Request) -> web.Response:
     if not packets:
         raise PacketError("$", "the request holds no packet")
 
-    for index, packet in enumerate(packets):
-        try:
-            check(packet, gateway.settings.max_chunk_bytes)
-        except PacketError as exc:
-            exc.index = index if len(packets) > 1 else None
-            raise
+    try:
+        check_all(packets, gateway.settings.max_chunk_bytes)
+    except PacketError as exc:
+        exc.index = exc.index if len(packets) > 1 else None
+        raise
     return await _accept(gateway, packets)
 
 

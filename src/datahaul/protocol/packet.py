@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import msgspec
@@ -45,12 +45,43 @@ class Packet(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 def check(packet: Packet, max_chunk_bytes: int) -> Packet:
     """Raise PacketError naming the first field that breaks the protocol."""
+    _check_file_fields(packet)
+    _check_chunk(packet, max_chunk_bytes)
+    return packet
+
+
+def check_all(packets: Sequence[Packet], max_chunk_bytes: int) -> None:
+    """`check` every packet; the fields a file's packets share are checked
+    once per file, as a batch of small packets mostly repeats them.
+
+    The PacketError raised carries the packet's place in `packets` as its
+    `index`.
+    """
+    checked: set[tuple[str, str | None]] = set()
+    for index, packet in enumerate(packets):
+        try:
+            shared = (packet.file_id, packet.file_sha256)
+            if shared not in checked:
+                _check_file_fields(packet)
+                checked.add(shared)
+            _check_chunk(packet, max_chunk_bytes)
+        except PacketError as exc:
+            exc.index = index
+            raise
+
+
+def _check_file_fields(packet: Packet) -> None:
     if not FILE_ID_PATTERN.match(packet.file_id):
         raise PacketError(
             "file_id",
             "must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
         )
+    if packet.file_sha256 is not None and not SHA256_PATTERN.match(packet.file_sha256):
+        raise PacketError("file_sha256", "must be 64 lowercase hexadecimal digits")
+
+
+def _check_chunk(packet: Packet, max_chunk_bytes: int) -> None:
     if packet.total_seq < 1:
         raise PacketError("total_seq", f"must be at least 1, got {packet.total_seq}")
     if not 1 <= packet.seq <= packet.total_seq:
@@ -63,19 +94,20 @@ def check(packet: Packet, max_chunk_bytes: int) -> Packet:
             f"chunk of {len(packet.data)} bytes is over the limit of "
             f"{max_chunk_bytes} bytes; split the file into smaller packets",
         )
-    for name in ("chunk_sha256", "file_sha256"):
-        value = getattr(packet, name)
-        if value is not None and not SHA256_PATTERN.match(value):
-            raise PacketError(name, "must be 64 lowercase hexadecimal digits")
-    if packet.chunk_sha256 is not None:
-        actual = hashlib.sha256(packet.data).hexdigest()
-        if actual != packet.chunk_sha256:
-            raise PacketError(
-                "chunk_sha256",
-                f"does not match the data (its SHA-256 is {actual}); "
-                "the chunk was corrupted on the way, send it again",
-            )
-    return packet
+    if packet.chunk_sha256 is None:
+        return
+    # A value equal to the data's digest is well formed: only a mismatch
+    # needs the pattern, to say which of the two went wrong.
+    actual = hashlib.sha256(packet.data).hexdigest()
+    if actual == packet.chunk_sha256:
+        return
+    if not SHA256_PATTERN.match(packet.chunk_sha256):
+        raise PacketError("chunk_sha256", "must be 64 lowercase hexadecimal digits")
+    raise PacketError(
+        "chunk_sha256",
+        f"does not match the data (its SHA-256 is {actual}); "
+        "the chunk was corrupted on the way, send it again",
+    )
 
 
 def from_fields(fields: Mapping[str, str], data: bytes) -> Packet:

@@ -23,7 +23,7 @@ from datahaul.errors import PacketError
 from datahaul.protocol.packet import (
     OPTIONAL_TEXT_FIELDS,
     Packet,
-    check,
+    check_all,
     convert,
 )
 
@@ -84,8 +84,12 @@ def decode_message(
     else:
         packets = [_from_note(body, queue_type)]
 
+    try:
+        check_all(packets, max_chunk_bytes)
+    except PacketError as exc:
+        exc.index = exc.index if len(packets) > 1 else None
+        raise
     for packet in packets:
-        check(packet, max_chunk_bytes)
         if packet.type != queue_type:
             raise PacketError(
                 "type",
