@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 
 import pytest
 
+from datahaul.protocol import wire
+from datahaul.protocol.packet import Packet
 from pipeline_helpers import call, post_packets
 
 CHUNK_LIMIT = 100_000
@@ -178,3 +181,55 @@ def test_bad_status_questions_are_400(small_chunk_gateway, body, field, names):
     )
     assert (code, answer["field"]) == (400, field), answer
     assert names in answer["reason"]
+
+
+def _frames(*packets):
+    """A bundle body, as `datahaul send` frames a run of large chunks."""
+    return wire.encode_bundle(
+        [Packet(**{**p, "data": base64.b64decode(p["data"])}) for p in packets]
+    )
+
+
+def _post_chunks(base, body, content_type=wire.BUNDLE_CONTENT_TYPE):
+    return call(
+        f"{base}/v1/chunks", body, method="POST", headers={"Content-Type": content_type}
+    )
+
+
+def test_a_run_of_raw_chunks_is_accepted_in_one_request(small_chunk_gateway):
+    """POST /v1/chunks takes framed chunks all or nothing and records each."""
+    digest = hashlib.sha256(b"pixels").hexdigest()
+    body = _frames(
+        *(_good(file_id="run-1", seq=s, chunk_sha256=digest) for s in (1, 2))
+    )
+    code, answer = _post_chunks(small_chunk_gateway, body)
+    assert (code, answer["accepted"], answer["published"]) == (200, 2, 2), answer
+    ledger = call(f"{small_chunk_gateway}/v1/files/run-1")[1]
+    assert (ledger["received"], ledger["missing"]) == (2, [[3, 4]])
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "field", "index"),
+    [
+        (
+            _frames(_good(seq=1), _good(seq=2, chunk_sha256="0" * 64)),
+            None,
+            "chunk_sha256",
+            1,
+        ),
+        (_frames(_good(seq=1), _good(seq=9)), None, "seq", 1),
+        (_frames(_good(seq=1))[:-2], None, "$", None),
+        (b"", None, "$", None),
+        (_frames(_good(seq=1)), "application/json", "$", None),
+    ],
+)
+def test_bad_chunk_runs_are_refused_whole(
+    small_chunk_gateway, body, content_type, field, index
+):
+    """A bad frame, a truncated body or the wrong content type is a 400 that
+    names the field (and the frame); nothing of the run is accepted."""
+    code, answer = _post_chunks(
+        small_chunk_gateway, body, content_type or wire.BUNDLE_CONTENT_TYPE
+    )
+    assert (code, answer["field"], answer.get("index")) == (400, field, index), answer
+    assert call(f"{small_chunk_gateway}/v1/files/pic-1")[0] == 404

@@ -537,14 +537,18 @@ def test_cli_reports_an_unreachable_gateway(tmp_path: Path) -> None:
 async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
     tmp_path: Path,
 ) -> None:
-    """A gateway from before POST /v1/files/status answers it 405; the sender
-    then asks it one GET per file, and still resumes."""
+    """A gateway from before POST /v1/files/status and /v1/chunks answers
+    them 405 and 404; the sender then asks it one GET per file and sends
+    one PUT per large chunk, and still resumes."""
     done, fresh = tmp_path / "done.log", tmp_path / "fresh.log"
     done.write_text("a\n" * 40_000)
     fresh.write_text("b\n" * 40_000)
+    video = tmp_path / "drive.mp4"
+    video.write_bytes(random.Random(5).randbytes(700_000))
     done_id = file_id_from_sha256(hashlib.sha256(done.read_bytes()).hexdigest())
     asked: list[str] = []
     posted: list[str] = []
+    put: list[int] = []
 
     async def get_file(request: web.Request) -> web.Response:
         file_id = request.match_info["file_id"]
@@ -559,9 +563,19 @@ async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
         posted.extend(packet["file_id"] for packet in packets)
         return web.json_response({"accepted": len(packets), "buffered": 0})
 
+    async def put_chunk(request: web.Request) -> web.Response:
+        chunk = await request.read()
+        assert (
+            hashlib.sha256(chunk).hexdigest()
+            == request.headers["X-Datahaul-Chunk-Sha256"]
+        )
+        put.append(int(request.match_info["seq"]))
+        return web.json_response({"accepted": 1, "buffered": 0})
+
     older = web.Application()
     older.router.add_get("/v1/files/{file_id}", get_file)
     older.router.add_post("/v1/packets", post_packets)
+    older.router.add_put("/v1/files/{file_id}/chunks/{seq}", put_chunk)
     runner = web.AppRunner(older)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -570,9 +584,12 @@ async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
     try:
         async with Sender(f"http://127.0.0.1:{port}") as sender:
             results = await sender.send_files([done, fresh], chunk_size="4K")
+            sent_video = await sender.send_file(video, chunk_size="100K")
     finally:
         await runner.cleanup()
 
     assert [getattr(r, "status", r) for r in results] == ["already sent", "sent"]
-    assert sorted(asked) == sorted([done_id, results[1].file_id])
+    assert sorted(asked) == sorted([done_id, results[1].file_id, sent_video.file_id])
     assert set(posted) == {results[1].file_id}
+    assert sorted(put) == list(range(1, 8))
+    assert sent_video.packets_sent == 7

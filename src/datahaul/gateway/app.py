@@ -12,6 +12,7 @@ from datahaul import metrics
 from datahaul.config import Settings
 from datahaul.errors import OutboxFull, PacketConflict, PacketError
 from datahaul.gateway.service import Gateway
+from datahaul.protocol import wire
 from datahaul.protocol.packet import (
     FILE_ID_PATTERN,
     Packet,
@@ -44,6 +45,7 @@ def create_app(settings: Settings) -> web.Application:
     app[GATEWAY_KEY] = Gateway(settings)
     app.router.add_post("/v1/packets", post_packets)
     app.router.add_put("/v1/files/{file_id}/chunks/{seq}", put_chunk)
+    app.router.add_post("/v1/chunks", post_chunks)
     app.router.add_get("/v1/files/{file_id}", get_file)
     app.router.add_post("/v1/files/status", post_file_statuses)
     app.router.add_get("/healthz", healthz)
@@ -115,6 +117,29 @@ async def put_chunk(request: web.Request) -> web.Response:
     data = await _read_limited(request, gateway.settings.max_chunk_bytes)
     packet = check(from_fields(fields, data), gateway.settings.max_chunk_bytes)
     return await _accept(gateway, [packet])
+
+
+async def post_chunks(request: web.Request) -> web.Response:
+    """Several raw chunks in one request, framed as a bundle (docs/protocol.md),
+    published together as one broker message."""
+    gateway = request.app[GATEWAY_KEY]
+    if request.content_type != wire.BUNDLE_CONTENT_TYPE:
+        raise PacketError(
+            "$",
+            f"Content-Type must be {wire.BUNDLE_CONTENT_TYPE}, not "
+            f"{request.content_type}; JSON packets go to /v1/packets",
+        )
+    packets = wire.decode_frames(await request.read())
+    if not packets:
+        raise PacketError("$", "the request holds no packet")
+    try:
+        check_all(packets, gateway.settings.max_chunk_bytes)
+    except PacketError as exc:
+        exc.index = exc.index if len(packets) > 1 else None
+        raise
+    accepted = await gateway.accept(packets, together=True)
+    status = 202 if accepted.buffered else 200
+    return web.json_response(accepted.to_json(), status=status)
 
 
 async def get_file(request: web.Request) -> web.Response:

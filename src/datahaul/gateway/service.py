@@ -84,15 +84,26 @@ class Gateway:
         self.outbox.close()
         await self.ledger.close()
 
-    async def accept(self, packets: Sequence[Packet]) -> Accepted:
-        """Publish or buffer checked packets; OutboxFull when neither can take them."""
+    async def accept(
+        self, packets: Sequence[Packet], *, together: bool = False
+    ) -> Accepted:
+        """Publish or buffer checked packets; OutboxFull when neither can take them.
+
+        `together` sends them as one bundle per type, as they came: a robot's
+        run of large chunks then costs the broker one message, not one each.
+        """
         await self.ledger.check(packets)
-        small = [p for p in packets if self.coalescer.takes(p)]
-        large = [p for p in packets if not self.coalescer.takes(p)]
+        if together:
+            small, large = [], list(packets)
+            planned = bundles_by_type(large)
+        else:
+            small = [p for p in packets if self.coalescer.takes(p)]
+            large = [p for p in packets if not self.coalescer.takes(p)]
+            planned = plan_messages(large, self.settings)
 
         sending = []
         if large:
-            sending.append(self._publish_or_buffer(plan_messages(large, self.settings)))
+            sending.append(self._publish_or_buffer(planned))
         if small:
             sending.append(self.coalescer.submit(small))
         buffered = 0
@@ -187,6 +198,14 @@ def plan_messages(packets: Sequence[Packet], settings: Settings) -> list[Outgoin
         if bundle:
             messages.append(bundle_message(data_type, bundle))
     return messages
+
+
+def bundles_by_type(packets: Sequence[Packet]) -> list[Outgoing]:
+    """One bundle for each type among the packets, keeping their order."""
+    by_type: dict[str, list[Packet]] = {}
+    for packet in packets:
+        by_type.setdefault(packet.type, []).append(packet)
+    return [bundle_message(kind, group) for kind, group in by_type.items()]
 
 
 def single_message(packet: Packet) -> Outgoing:

@@ -80,7 +80,7 @@ def decode_message(
     if headers and "dh-file-id" in headers:
         packets = [_from_headers(headers, body)]
     elif content_type == BUNDLE_CONTENT_TYPE:
-        packets = _decode_bundle(body)
+        packets = decode_frames(body)
     else:
         packets = [_from_note(body, queue_type)]
 
@@ -117,7 +117,8 @@ def _from_headers(headers: Mapping[str, Any], body: bytes) -> Packet:
     return packet
 
 
-def _decode_bundle(body: bytes) -> list[Packet]:
+def decode_frames(body: bytes) -> list[Packet]:
+    """The packets of a bundle body, in order; PacketError names a bad frame."""
     view = memoryview(body)
     packets: list[Packet] = []
     offset = 0
