@@ -266,14 +266,19 @@ class Health:
 
 
 async def purge(amqp_url: str, queue_name: str) -> int:
-    """Empty the queue straight at the broker; how many messages it held."""
+    """Empty the queue straight at the broker; how many packets it held.
+
+    A message may carry several packets (a bundle says how many in
+    `dh-packets`), so the messages are read, not just counted.
+    """
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, passive=True)
-        held = int(queue.declaration_result.message_count or 0)
-        await queue.purge()
-        return held
+        packets = 0
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            packets += int((message.headers or {}).get("dh-packets", 1))
+        return packets
     finally:
         await connection.close()
 
