@@ -207,6 +207,10 @@ def test_a_run_of_raw_chunks_is_accepted_in_one_request(small_chunk_gateway):
     ledger = call(f"{small_chunk_gateway}/v1/files/run-1")[1]
     assert (ledger["received"], ledger["missing"]) == (2, [[3, 4]])
 
+    mixed = _frames(_good(file_id="run-2"), _good(file_id="run-3", type="video"))
+    code, answer = _post_chunks(small_chunk_gateway, mixed)
+    assert (code, answer["published"]) == (200, 2), answer
+
 
 @pytest.mark.parametrize(
     ("body", "content_type", "field", "index"),

@@ -129,7 +129,8 @@ async def post_chunks(request: web.Request) -> web.Response:
             f"Content-Type must be {wire.BUNDLE_CONTENT_TYPE}, not "
             f"{request.content_type}; JSON packets go to /v1/packets",
         )
-    packets = wire.decode_frames(await request.read())
+    body = await request.read()
+    packets = wire.decode_frames(body)
     if not packets:
         raise PacketError("$", "the request holds no packet")
     try:
@@ -137,7 +138,7 @@ async def post_chunks(request: web.Request) -> web.Response:
     except PacketError as exc:
         exc.index = exc.index if len(packets) > 1 else None
         raise
-    accepted = await gateway.accept(packets, together=True)
+    accepted = await gateway.accept(packets, framed=body)
     status = 202 if accepted.buffered else 200
     return web.json_response(accepted.to_json(), status=status)
 

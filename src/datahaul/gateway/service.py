@@ -85,17 +85,19 @@ class Gateway:
         await self.ledger.close()
 
     async def accept(
-        self, packets: Sequence[Packet], *, together: bool = False
+        self, packets: Sequence[Packet], *, framed: bytes | None = None
     ) -> Accepted:
         """Publish or buffer checked packets; OutboxFull when neither can take them.
 
-        `together` sends them as one bundle per type, as they came: a robot's
-        run of large chunks then costs the broker one message, not one each.
+        `framed` is the bundle body the packets were decoded from: they are
+        then sent together, as that body when they share a type, so that a
+        robot's run of large chunks costs the broker one message, not one
+        each, and the gateway no copy of it.
         """
         await self.ledger.check(packets)
-        if together:
+        if framed is not None:
             small, large = [], list(packets)
-            planned = bundles_by_type(large)
+            planned = bundles_as_framed(large, framed)
         else:
             small = [p for p in packets if self.coalescer.takes(p)]
             large = [p for p in packets if not self.coalescer.takes(p)]
@@ -200,12 +202,19 @@ def plan_messages(packets: Sequence[Packet], settings: Settings) -> list[Outgoin
     return messages
 
 
-def bundles_by_type(packets: Sequence[Packet]) -> list[Outgoing]:
-    """One bundle for each type among the packets, keeping their order."""
+def bundles_as_framed(packets: Sequence[Packet], framed: bytes) -> list[Outgoing]:
+    """The packets decoded from the bundle body `framed`, as bundle messages:
+    that very body when they share a type, else one new bundle per type.
+
+    The body is only reused once every packet in it has been checked, and it
+    decodes at the worker exactly as it did here.
+    """
     by_type: dict[str, list[Packet]] = {}
     for packet in packets:
         by_type.setdefault(packet.type, []).append(packet)
-    return [bundle_message(kind, group) for kind, group in by_type.items()]
+    if len(by_type) > 1 or len(packets) == 1:
+        return [bundle_message(kind, group) for kind, group in by_type.items()]
+    return [bundle_of(packets[0].type, packets, framed)]
 
 
 def single_message(packet: Packet) -> Outgoing:
@@ -222,9 +231,13 @@ def single_message(packet: Packet) -> Outgoing:
 def bundle_message(data_type: str, packets: list[Packet]) -> Outgoing:
     if len(packets) == 1:
         return single_message(packets[0])
+    return bundle_of(data_type, packets, wire.encode_bundle(packets))
+
+
+def bundle_of(data_type: str, packets: Sequence[Packet], body: bytes) -> Outgoing:
     return Outgoing(
         routing_key=topology.queue_for(data_type),
-        body=wire.encode_bundle(packets),
+        body=body,
         headers={"dh-packets": len(packets)},
         content_type=wire.BUNDLE_CONTENT_TYPE,
         message_id=uuid.uuid4().hex,
