@@ -47,16 +47,17 @@ class Answers:
 
     first: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
-    packets: int = 0
+    answers: int = 0
 
     def hear(self, event: ProgressEvent) -> None:
-        # The hook hears "sending" when a 2xx came back for one packet.
+        # The hook hears "sending" when a 2xx came back for some of a file's
+        # packets (one request may carry several of them).
         if event.phase != "sending" or event.advance <= 0:
             return
         now = time.perf_counter()
         self.first.setdefault(event.source, now)
         self.last[event.source] = now
-        self.packets += 1
+        self.answers += 1
 
 
 async def burst(
@@ -121,7 +122,7 @@ def report(
         "finished": finished,
         "first_answer": min(answers.first.values(), default=None),
         "last_answer": max(answers.last.values(), default=None),
-        "packets_answered": answers.packets,
+        "answers": answers.answers,
         "files": files,
         "failures": failures,
     }

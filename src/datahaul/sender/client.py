@@ -209,9 +209,11 @@ class _Refused(Exception):
 class Sender:
     """Sends files to one gateway over a pool of keep-alive connections.
 
-    `concurrency` bounds the requests in flight (a batch of small packets is
-    one request); with it, memory stays near concurrency x chunk size however
-    large the files are. `progress`, if set, hears of every step of every file.
+    `concurrency` bounds the requests in flight (a batch of small packets, or
+    a run of large chunks up to LARGE_RUN_BYTES, is one request); with it,
+    memory stays near concurrency x the larger of the chunk size and
+    LARGE_RUN_BYTES, however large the files are. `progress`, if set, hears
+    of every step of every file.
     """
 
     def __init__(
