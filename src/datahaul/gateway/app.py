@@ -103,11 +103,7 @@ async def post_packets(request: web.Request) -> web.Response:
     if not packets:
         raise PacketError("$", "the request holds no packet")
 
-    try:
-        check_all(packets, gateway.settings.max_chunk_bytes)
-    except PacketError as exc:
-        exc.index = exc.index if len(packets) > 1 else None
-        raise
+    check_all(packets, gateway.settings.max_chunk_bytes)
     return await _accept(gateway, packets)
 
 
@@ -133,14 +129,8 @@ async def post_chunks(request: web.Request) -> web.Response:
     packets = wire.decode_frames(body)
     if not packets:
         raise PacketError("$", "the request holds no packet")
-    try:
-        check_all(packets, gateway.settings.max_chunk_bytes)
-    except PacketError as exc:
-        exc.index = exc.index if len(packets) > 1 else None
-        raise
-    accepted = await gateway.accept(packets, framed=body)
-    status = 202 if accepted.buffered else 200
-    return web.json_response(accepted.to_json(), status=status)
+    check_all(packets, gateway.settings.max_chunk_bytes)
+    return await _accept(gateway, packets, framed=body)
 
 
 async def get_file(request: web.Request) -> web.Response:
@@ -211,8 +201,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(request.app[GATEWAY_KEY].health())
 
 
-async def _accept(gateway: Gateway, packets: list[Packet]) -> web.Response:
-    accepted = await gateway.accept(packets)
+async def _accept(
+    gateway: Gateway, packets: list[Packet], *, framed: bytes | None = None
+) -> web.Response:
+    accepted = await gateway.accept(packets, framed=framed)
     status = 202 if accepted.buffered else 200
     return web.json_response(accepted.to_json(), status=status)
 

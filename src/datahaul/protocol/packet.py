@@ -54,8 +54,8 @@ def check_all(packets: Sequence[Packet], max_chunk_bytes: int) -> None:
     """`check` every packet; the fields a file's packets share are checked
     once per file, as a batch of small packets mostly repeats them.
 
-    The PacketError raised carries the packet's place in `packets` as its
-    `index`.
+    When there are several, the PacketError raised carries the packet's
+    place in `packets` as its `index`.
     """
     checked: set[tuple[str, str | None]] = set()
     for index, packet in enumerate(packets):
@@ -66,7 +66,7 @@ def check_all(packets: Sequence[Packet], max_chunk_bytes: int) -> None:
                 checked.add(shared)
             _check_chunk(packet, max_chunk_bytes)
         except PacketError as exc:
-            exc.index = index
+            exc.index = index if len(packets) > 1 else None
             raise
 
 

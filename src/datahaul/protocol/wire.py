@@ -84,11 +84,7 @@ def decode_message(
     else:
         packets = [_from_note(body, queue_type)]
 
-    try:
-        check_all(packets, max_chunk_bytes)
-    except PacketError as exc:
-        exc.index = exc.index if len(packets) > 1 else None
-        raise
+    check_all(packets, max_chunk_bytes)
     for packet in packets:
         if packet.type != queue_type:
             raise PacketError(
