@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from datahaul.gateway.local_db import LocalDatabase
+from datahaul.gateway.local_db import GroupCommit, LocalDatabase
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, note TEXT);"
 FULL = 2
@@ -59,3 +60,38 @@ async def test_a_failed_transaction_rolls_back_and_restores_durability(
 
     assert await database.run(count) == 0
     assert await database.run(synchronous) == FULL
+
+
+async def test_a_read_on_the_calling_thread_sees_what_was_committed(
+    database: LocalDatabase,
+) -> None:
+    await database.run(insert("first"))
+    assert database.read_here(count) == 1
+
+    await database.run(insert("second"))
+    assert database.read_here(count) == 2
+
+
+async def test_a_gathering_put_waits_for_company_and_a_flush_cuts_it_short(
+    database: LocalDatabase,
+) -> None:
+    """Notes put one by one share a commit; nothing is lost by flushing early."""
+    commits: list[list[str]] = []
+
+    def write(db: sqlite3.Connection, notes: list[str]) -> None:
+        commits.append(notes)
+        db.executemany("INSERT INTO rows (note) VALUES (?)", [(n,) for n in notes])
+
+    writes = GroupCommit(database, write, put_gathers_for=0.05)
+    writes.put("a")
+    writes.put("b")
+    await asyncio.sleep(0.01)
+    assert commits == []
+
+    await asyncio.sleep(0.1)
+    assert commits == [["a", "b"]]
+
+    writes.put("c")
+    await writes.flush()
+    assert commits == [["a", "b"], ["c"]]
+    assert database.read_here(count) == 3

@@ -21,6 +21,9 @@ from datahaul.gateway.local_db import GroupCommit, LocalDatabase
 from datahaul.protocol.packet import Packet
 from datahaul.storage.catalog import missing_ranges
 
+# Notes nobody waits for: a status question flushes them first.
+NOTE_GATHERING_SECONDS = 0.005
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_files (
     file_id TEXT PRIMARY KEY,
@@ -51,17 +54,19 @@ class Ledger:
         self.db = LocalDatabase(path, SCHEMA, synchronous="NORMAL")
         self._shapes: OrderedDict[str, FileShape] = OrderedDict()
         self._remembered = remembered_files
-        self._writes: GroupCommit[Packet] = GroupCommit(self.db, _record)
+        self._writes: GroupCommit[Packet] = GroupCommit(
+            self.db, _record, put_gathers_for=NOTE_GATHERING_SECONDS
+        )
 
-    async def check(self, packets: Sequence[Packet]) -> None:
+    def check(self, packets: Sequence[Packet]) -> None:
         """Raise PacketConflict for a packet that contradicts its file.
 
-        A new file's shape is remembered at once, before any await, so two
+        It never awaits: a new file's shape is remembered at once, so two
         concurrent requests for it cannot both set a different shape.
         """
         unknown = {p.file_id for p in packets if p.file_id not in self._shapes}
         if unknown:
-            known = await self.db.run(lambda db: _load_shapes(db, unknown))
+            known = self.db.read_here(lambda db: _load_shapes(db, unknown))
             for file_id, known_shape in known.items():
                 self._shapes.setdefault(file_id, known_shape)
 

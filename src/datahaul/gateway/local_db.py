@@ -3,6 +3,10 @@
 Every request that must be durable waits for the commit that carries its
 rows, but many requests share one commit: that is what turns a few
 thousand fsyncs a second into tens of thousands of rows a second.
+
+Short indexed reads run on the event loop instead: a trip to the database
+thread and back cost about 85 µs of CPU on the benchmark machine, the read
+itself about 2 µs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class LocalDatabase:
         self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{path.stem}")
         self._connection: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._synchronous = synchronous
         self._pool.submit(self._open, schema, synchronous, page_size).result()
 
@@ -63,6 +68,19 @@ class LocalDatabase:
             self._pool, self._in_transaction, work, durable
         )
 
+    def read_here(self, work: Callable[[sqlite3.Connection], Result]) -> Result:
+        """Run a read on the calling thread, with a connection of its own.
+
+        Only for reads that find their rows through an index: the caller's
+        thread (the event loop) waits for it. WAL lets it read beside the
+        database thread's writes; it sees every commit made before it.
+        """
+        if self._reader is None:
+            self._reader = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+        return work(self._reader)
+
     def _in_transaction(
         self, work: Callable[[sqlite3.Connection], Result], durable: bool = True
     ) -> Result:
@@ -84,6 +102,10 @@ class LocalDatabase:
         return result
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
         def shut() -> None:
             if self._connection is not None:
                 self._connection.close()
@@ -104,11 +126,15 @@ class GroupCommit(Generic[Item]):
         self,
         database: LocalDatabase,
         write: Callable[[sqlite3.Connection, list[Item]], None],
+        *,
+        put_gathers_for: float = 0.0,
     ) -> None:
         self._database = database
         self._write = write
         self._pending: list[tuple[Item, asyncio.Future[None] | None]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._put_gathers_for = put_gathers_for
+        self._timer: asyncio.TimerHandle | None = None
 
     async def submit(self, *items: Item) -> None:
         """Return once every item is committed; raise what the commit raised."""
@@ -122,16 +148,38 @@ class GroupCommit(Generic[Item]):
         await asyncio.gather(*futures)
 
     def put(self, *items: Item) -> None:
-        """Queue items for the next commit without waiting for it; a commit
-        that fails is logged, as nobody waits to hear of it."""
+        """Queue items for a commit without waiting for it; a commit that
+        fails is logged, as nobody waits to hear of it.
+
+        With `put_gathers_for`, a put that finds no commit running waits that
+        long for more items before it starts one: requests that come one at
+        a time then share a trip to the database thread, which otherwise
+        costs each of them about 85 µs of CPU.
+        """
         self._pending.extend((item, None) for item in items)
+        if self._put_gathers_for and not self._is_flushing():
+            if self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(
+                    self._put_gathers_for, self._start_flushing
+                )
+            return
         self._start_flushing()
 
+    def _is_flushing(self) -> bool:
+        return self._flushing is not None and not self._flushing.done()
+
     def _start_flushing(self) -> None:
-        if self._flushing is None or self._flushing.done():
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._is_flushing():
             self._flushing = asyncio.create_task(self._flush())
 
     async def flush(self) -> None:
+        """Commit everything queued so far, now, and wait for it."""
+        if self._timer is not None:
+            self._start_flushing()
         while self._flushing is not None and not self._flushing.done():
             await asyncio.shield(self._flushing)
 

@@ -94,7 +94,7 @@ class Gateway:
         robot's run of large chunks costs the broker one message, not one
         each, and the gateway no copy of it.
         """
-        await self.ledger.check(packets)
+        self.ledger.check(packets)
         if framed is not None:
             small, large = [], list(packets)
             planned = bundles_as_framed(large, framed)
