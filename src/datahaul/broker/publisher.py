@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from datahaul.broker import topology
 from datahaul.broker.connection import BROKER_FAILURES, NodeRing, wait_closed
@@ -20,6 +21,54 @@ from datahaul.errors import BrokerError
 log = structlog.get_logger("datahaul.broker")
 
 LINK_FAILURES: tuple[type[BaseException], ...] = (BrokerError, *BROKER_FAILURES)
+
+
+async def underlay_of(channel: AbstractChannel) -> aiormq.Channel:
+    """The aiormq channel under an aio-pika one, for `publish_small`."""
+    underlay = await channel.get_underlay_channel()
+    if not isinstance(underlay, aiormq.Channel):
+        raise BrokerError(
+            f"aio-pika gave a {type(underlay).__name__}, not an aiormq channel; "
+            "install the aio-pika version that uv.lock names"
+        )
+    return underlay
+
+
+async def publish_small(
+    channel: aiormq.Channel,
+    message: aio_pika.Message,
+    *,
+    exchange: str,
+    routing_key: str,
+    timeout: float,
+) -> None:
+    """Publish a small message and wait for its confirm, never in line.
+
+    aiormq puts a message's frames on the connection's write queue (ten
+    entries) while it holds the channel's lock, and by default keeps the
+    lock until the frames are written. Once one publish waits there,
+    every later one queues for the lock and gets it one turn of the
+    event loop after the one before. At 1,800 events a second in the
+    latency benchmark, an event waited 19 ms (p50) to 200 ms (p99) for
+    the lock alone. Waiting here for room in the queue, and not for the
+    write, means a publish never waits while it holds the lock, so nobody
+    queues behind it.
+
+    Only for messages small enough that not waiting for their write
+    cannot pile up memory.
+    """
+    frames = channel.connection.write_queue
+    while frames.full():
+        # The writer takes every queued frame in one turn of the loop.
+        await frames.join()
+    await channel.basic_publish(
+        message.body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=message.properties,
+        timeout=timeout,
+        wait=False,
+    )
 
 
 @dataclass

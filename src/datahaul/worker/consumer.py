@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq
 import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
@@ -27,6 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from datahaul import metrics
 from datahaul.broker import topology
 from datahaul.broker.connection import BROKER_FAILURES, NodeRing, wait_closed
+from datahaul.broker.publisher import publish_small, underlay_of
 from datahaul.config import Settings
 from datahaul.errors import BrokerError, DatahaulError, PacketError
 from datahaul.protocol import wire
@@ -91,7 +93,7 @@ class Worker:
         self._finalizing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._announcing = asyncio.Semaphore(ANNOUNCES_IN_FLIGHT)
-        self._events: AbstractExchange | None = None
+        self._events: aiormq.Channel | None = None
         self._dead: AbstractExchange | None = None
         self.stats = {"packets": 0, "duplicates": 0, "dead": 0, "stored": 0}
 
@@ -152,7 +154,8 @@ class Worker:
     async def _serve(self, channel: AbstractChannel) -> asyncio.Task[None]:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         await self.topology.apply(channel)
-        self._events = await channel.get_exchange(topology.EVENT_EXCHANGE)
+        await channel.get_exchange(topology.EVENT_EXCHANGE)
+        self._events = await underlay_of(channel)
         self._dead = await channel.get_exchange(topology.DEAD_EXCHANGE)
         inbox: asyncio.Queue[Delivery] = asyncio.Queue()
 
@@ -315,11 +318,11 @@ class Worker:
 
     async def _announce(self, records: Sequence[FileRecord]) -> None:
         """Tell other center systems; the sweeper retries what fails here."""
-        exchange = self._events
-        if exchange is None:
+        channel = self._events
+        if channel is None:
             return
         results = await asyncio.gather(
-            *(self._publish_event(exchange, record) for record in records),
+            *(self._publish_event(channel, record) for record in records),
             return_exceptions=True,
         )
         sent = []
@@ -339,19 +342,18 @@ class Worker:
                 self._stage_pool, self.catalog.mark_events_sent, sent
             )
 
-    async def _publish_event(
-        self, exchange: AbstractExchange, record: FileRecord
-    ) -> None:
+    async def _publish_event(self, channel: aiormq.Channel, record: FileRecord) -> None:
         message = aio_pika.Message(
             msgspec.json.encode(file_event(record)),
             content_type=wire.JSON_CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=f"{record.file_id}:{record.state}",
         )
-        await exchange.publish(
+        await publish_small(
+            channel,
             message,
-            f"file.{record.state}.{record.type}",
-            mandatory=False,
+            exchange=topology.EVENT_EXCHANGE,
+            routing_key=f"file.{record.state}.{record.type}",
             timeout=self.settings.confirm_timeout,
         )
 
