@@ -341,6 +341,24 @@ def test_unsent_events_are_found_until_marked_sent(catalog: Catalog) -> None:
     assert catalog.events_unsent(time.time() + 1) == []
 
 
+def test_a_commit_that_skips_the_disk_wait_leaves_later_ones_durable(
+    catalog: Catalog,
+) -> None:
+    """Marking events sent does not wait for the disk; what follows it does."""
+    stage_whole(catalog, "f")
+    catalog.mark_events_sent(["f"])
+
+    if catalog.db.dialect == "sqlite":
+        setting = catalog.db.query("PRAGMA synchronous")[0][0]
+        assert setting == 2  # FULL
+    else:
+        setting = catalog.db.query("SHOW synchronous_commit")[0][0]
+        assert setting == "on"
+    assert catalog.db.query("SELECT event_sent FROM files WHERE file_id = 'f'") == [
+        (1,)
+    ]
+
+
 def run_migrate(catalog_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "datahaul", "migrate", "--catalog-url", catalog_url],

@@ -58,10 +58,18 @@ class Database:
         return connection
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """A write transaction: committed on success, rolled back on error."""
+    def transaction(self, *, durable: bool = True) -> Iterator[Transaction]:
+        """A write transaction: committed on success, rolled back on error.
+
+        `durable=False` lets the commit return before the disk has it: a
+        crash can lose such a commit whole, never half of it. It is for
+        changes whose loss is harmless, such as noting that an event went
+        out (the sweep then sends it again).
+        """
         connection = self.connection
         try:
+            if not durable:
+                self._relax(connection)
             self._begin(connection)
             yield Transaction(self, connection)
             connection.commit()
@@ -69,6 +77,16 @@ class Database:
             with contextlib.suppress(*DATABASE_FAILURES):
                 connection.rollback()
             raise
+        finally:
+            if not durable:
+                self._restore_or_drop(connection)
+
+    def _restore_or_drop(self, connection: Any) -> None:
+        # A connection left relaxed would weaken every later commit on it.
+        try:
+            self._restore(connection)
+        except DATABASE_FAILURES:
+            self.close()
 
     def query(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
         """A read outside any write transaction."""
@@ -87,6 +105,12 @@ class Database:
 
     def _begin(self, connection: Any) -> None:
         pass
+
+    def _relax(self, connection: Any) -> None:
+        """Before the transaction: let its commit skip waiting for the disk."""
+
+    def _restore(self, connection: Any) -> None:
+        """Undo `_relax` once the transaction is over."""
 
 
 class Transaction:
@@ -131,6 +155,14 @@ class SQLiteDatabase(Database):
         # IMMEDIATE takes the write lock up front, so two processes never
         # deadlock upgrading their read locks.
         connection.execute("BEGIN IMMEDIATE")
+
+    def _relax(self, connection: Any) -> None:
+        # In WAL mode NORMAL skips the commit's fsync, and the next FULL
+        # commit makes this one durable too.
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+    def _restore(self, connection: Any) -> None:
+        connection.execute("PRAGMA synchronous=FULL")
 
 
 def _use_wal(connection: sqlite3.Connection) -> None:
@@ -184,6 +216,11 @@ class PostgresDatabase(Database):
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
+
+    def _relax(self, connection: Any) -> None:
+        # This opens the transaction; LOCAL ends with it, so nothing needs
+        # restoring.
+        connection.execute("SET LOCAL synchronous_commit TO OFF")
 
 
 def open_database(url: str) -> Database:
