@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from bench.procs import collector_paused
 from bench.registry import BenchmarkError
 from datahaul.cli.common import setup_logging
 from datahaul.errors import DatahaulError
@@ -304,6 +305,12 @@ def parser() -> argparse.ArgumentParser:
     return cli
 
 
+async def run(args: argparse.Namespace, paths: list[str]) -> dict[str, Any]:
+    if args.mode == "burst":
+        return await burst(args.gateway, paths, args.type, args.chunk_size)
+    return await paced(args.gateway, paths, args.type, args.chunk_size, args.rate)
+
+
 def main() -> None:
     args = parser().parse_args()
     # As `datahaul send` does: INFO and above, on stderr; stdout is the report.
@@ -316,12 +323,8 @@ def main() -> None:
     if not sys.stdin.readline():
         return
     try:
-        if args.mode == "burst":
-            result = asyncio.run(burst(args.gateway, paths, args.type, args.chunk_size))
-        else:
-            result = asyncio.run(
-                paced(args.gateway, paths, args.type, args.chunk_size, args.rate)
-            )
+        with collector_paused():
+            result = asyncio.run(run(args, paths))
     except DatahaulError as exc:
         sys.exit(f"error: {exc}")
     print(json.dumps(result), flush=True)

@@ -38,7 +38,7 @@ from bench.pipeline import (
     verify,
     wait_ready,
 )
-from bench.procs import CpuMeter, PeakSampler, broker_process
+from bench.procs import CpuMeter, PeakSampler, broker_process, collector_paused
 from bench.rabbit import fresh_vhost
 from bench.registry import (
     BenchmarkError,
@@ -146,7 +146,7 @@ async def send_and_store(
         rate=rate,
     ) as sender:
         meter = CpuMeter(busy_processes(pipe, sender), self_label="harness")
-        with meter.measure():
+        with meter.measure(), collector_paused():
             await sender.go()
             sent = await unless_broken(sender.result(), pipe.events, pipe.services)
             check_ids(sent, files)
