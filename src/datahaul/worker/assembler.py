@@ -91,6 +91,8 @@ class FileImage:
     next_seq: int = 1  # the first chunk not yet hashed
     hashed_bytes: int = 0
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    # The hasher's work on the last batch, done on the hash thread.
+    hashing: Future[None] | None = None
 
     def fits(self, packet: Packet) -> bool:
         """Whether the chunk has its place here and the place is still free.
@@ -110,7 +112,11 @@ class FileImage:
 
     def digest_of(self, total_seq: int, size: int) -> str | None:
         complete = self.next_seq == total_seq + 1 and self.hashed_bytes == size
-        return self.hasher.hexdigest() if complete else None
+        if not complete:
+            return None
+        if self.hashing is not None:
+            self.hashing.result()
+        return self.hasher.hexdigest()
 
 
 class Assembler:
@@ -283,6 +289,7 @@ class Assembler:
         Chunks of this batch are at hand; ones that came early are read
         back from the image (the page cache, usually).
         """
+        blocks = []
         while image.next_seq in image.recorded:
             seq = image.next_seq
             data = fresh.get(seq)
@@ -290,9 +297,16 @@ class Assembler:
                 start, size = image.offset_of(seq), image.recorded[seq]
                 key = f"{file_id}/{image.name}"
                 data = b"".join(self.staging.open_range(key, start, start + size))
-            image.hasher.update(data)
+            blocks.append(data)
             image.hashed_bytes += len(data)
             image.next_seq += 1
+        if not blocks:
+            return
+        # The hash thread hashes this batch while this thread stages the
+        # next one; waiting for the batch before keeps one batch in memory.
+        if image.hashing is not None:
+            image.hashing.result()
+        image.hashing = self._hash_pool.submit(_hash_all, image.hasher, blocks)
 
     def _finished_files(self, packets: Sequence[Packet]) -> set[str]:
         """Files past receiving: a late duplicate's bytes would only be litter."""
@@ -509,3 +523,8 @@ def blob_key(record: FileRecord) -> str:
     """Fixed by the file, so that a redone store replaces instead of adding."""
     name = UNSAFE_NAME.sub("_", PurePosixPath(record.file_name or "").name)
     return f"{blob_folder(record)}/{name.lstrip('.') or 'data'}"
+
+
+def _hash_all(hasher: hashlib._Hash, blocks: Sequence[bytes]) -> None:
+    for block in blocks:
+        hasher.update(block)
