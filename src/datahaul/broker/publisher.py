@@ -58,9 +58,12 @@ async def publish_small(
     cannot pile up memory.
     """
     frames = channel.connection.write_queue
-    while frames.full():
-        # The writer takes every queued frame in one turn of the loop.
-        await frames.join()
+    # A dead connection's writer never empties the queue: the timeout then
+    # ends the wait, as it would end the wait for a confirm.
+    async with asyncio.timeout(timeout):
+        while frames.full():
+            # The writer takes every queued frame in one turn of the loop.
+            await frames.join()
     await channel.basic_publish(
         message.body,
         exchange=exchange,

@@ -22,6 +22,8 @@ import structlog
 
 log = structlog.get_logger("datahaul.gateway")
 
+READER_BUSY_SECONDS = 0.5
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -76,8 +78,13 @@ class LocalDatabase:
         database thread's writes; it sees every commit made before it.
         """
         if self._reader is None:
+            # WAL readers wait only in rare cases (such as recovery after a
+            # crash); the event loop must not wait the default 5 s then.
             self._reader = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=READER_BUSY_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
             )
         return work(self._reader)
 

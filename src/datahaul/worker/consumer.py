@@ -154,6 +154,7 @@ class Worker:
     async def _serve(self, channel: AbstractChannel) -> asyncio.Task[None]:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         await self.topology.apply(channel)
+        # Events go to the exchange by name; this fails now if it is missing.
         await channel.get_exchange(topology.EVENT_EXCHANGE)
         self._events = await underlay_of(channel)
         self._dead = await channel.get_exchange(topology.DEAD_EXCHANGE)
