@@ -275,18 +275,23 @@ async def test_poison_packets_go_to_the_dead_letter_queue_and_others_flow(
 
     corrupted = good.packet(1) | {"file_id": "corrupted", "total_seq": 7}
     corrupted["chunk_sha256"] = "0" * 64
+    scrambled = good.packet(3) | {"file_id": "scrambled", "total_seq": 7}
+    scrambled.pop("chunk_sha256")
+    scrambled["chunk_xxh128"] = "0" * 32
     conflicting = good.packet(2) | {"total_seq": 99}
     conflicting.pop("chunk_sha256")
     poison = [
         b"\x00not json at all",
         json.dumps(corrupted).encode(),
+        json.dumps(scrambled).encode(),
         json.dumps(conflicting).encode(),
     ]
     reasons = await _publish_and_collect_dead(amqp_url, poison)
 
-    assert len(reasons) == 3
+    assert len(reasons) == 4
     assert any("neither a datahaul packet" in r for r in reasons)
     assert any("chunk_sha256" in r for r in reasons)
+    assert any("chunk_xxh128" in r for r in reasons)
     assert any("total_seq" in r for r in reasons)
     await _all_stored_once(datahaul_env, data_dir, [(good.file_id, good.sha256)])
 

@@ -46,6 +46,7 @@ BAD_JSON = [
     ({"file_id": 42}, 400, "file_id"),
     ({"metadata": "a string"}, 400, "metadata"),
     ({"chunk_sha256": "f" * 64}, 400, "chunk_sha256"),
+    ({"chunk_xxh128": "f" * 32}, 400, "chunk_xxh128"),
     ({"data": base64.b64encode(b"x" * (CHUNK_LIMIT + 1)).decode()}, 413, "data"),
 ]
 
@@ -219,6 +220,12 @@ def test_a_run_of_raw_chunks_is_accepted_in_one_request(small_chunk_gateway):
             _frames(_good(seq=1), _good(seq=2, chunk_sha256="0" * 64)),
             None,
             "chunk_sha256",
+            1,
+        ),
+        (
+            _frames(_good(seq=1), _good(seq=2, chunk_xxh128="0" * 32)),
+            None,
+            "chunk_xxh128",
             1,
         ),
         (_frames(_good(seq=1), _good(seq=9)), None, "seq", 1),

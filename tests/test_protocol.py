@@ -14,7 +14,14 @@ from datahaul.config import Settings
 from datahaul.errors import PacketError
 from datahaul.gateway.service import plan_messages
 from datahaul.protocol import wire
-from datahaul.protocol.packet import Packet, check, check_all, from_fields, shape_error
+from datahaul.protocol.packet import (
+    Packet,
+    check,
+    check_all,
+    from_fields,
+    shape_error,
+    xxh128_of,
+)
 from datahaul.storage.catalog import missing_ranges
 
 
@@ -107,6 +114,9 @@ def test_errors_in_a_batch_name_the_packet_index():
         ({"data": b"x" * 2000}, "data"),
         ({"chunk_sha256": "abc"}, "chunk_sha256"),
         ({"chunk_sha256": "0" * 64}, "chunk_sha256"),
+        ({"chunk_xxh128": "abc"}, "chunk_xxh128"),
+        ({"chunk_xxh128": "0" * 32}, "chunk_xxh128"),
+        ({"chunk_xxh128": "0" * 64}, "chunk_xxh128"),
     ],
 )
 def test_rule_breaking_packets_are_refused_naming_the_field(changes, field):
@@ -123,6 +133,8 @@ def test_rule_breaking_packets_are_refused_naming_the_field(changes, field):
         ({"file_sha256": "F" * 64}, "file_sha256", "lowercase"),
         ({"chunk_sha256": "abc"}, "chunk_sha256", "lowercase"),
         ({"chunk_sha256": "0" * 64}, "chunk_sha256", "does not match"),
+        ({"chunk_xxh128": "A" * 32}, "chunk_xxh128", "32 lowercase"),
+        ({"chunk_xxh128": "0" * 32}, "chunk_xxh128", "does not match"),
         ({"seq": 11}, "seq", "1..10"),
     ],
 )
@@ -140,9 +152,29 @@ def test_a_batch_check_finds_the_packet_that_breaks_a_rule(bad, field, reason):
 
 
 def test_a_matching_chunk_checksum_passes():
-    """A chunk whose SHA-256 matches its data is accepted."""
+    """A chunk whose SHA-256 or XXH128 matches its data is accepted."""
     packet = _packet(chunk_sha256=hashlib.sha256(b"chunk").hexdigest())
     assert check(packet, 1024) is packet
+    packet = _packet(chunk_xxh128=xxh128_of(b"chunk"))
+    assert check(packet, 1024) is packet
+
+
+def test_xxh128_is_the_canonical_form_other_tools_print():
+    """The digest is XXH3's 128 bits, seed 0, big-endian hex: the reference
+    value for empty input, so a robot's own xxHash library agrees."""
+    assert xxh128_of(b"") == "99aa06d3014798d86001c324468d497f"
+
+
+def test_both_chunk_checksums_are_checked_when_both_come():
+    """A packet that carries both digests is refused if either is wrong."""
+    data = _packet().data
+    right_sha256 = hashlib.sha256(data).hexdigest()
+    with pytest.raises(PacketError) as caught:
+        check(_packet(chunk_xxh128="0" * 32, chunk_sha256=right_sha256), 1024)
+    assert caught.value.field == "chunk_xxh128"
+    with pytest.raises(PacketError) as caught:
+        check(_packet(chunk_xxh128=xxh128_of(data), chunk_sha256="0" * 64), 1024)
+    assert caught.value.field == "chunk_sha256"
 
 
 def test_raw_upload_fields_build_a_packet():

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from datahaul.cli import send as send_command
 from datahaul.errors import ConfigError
-from datahaul.protocol.packet import Packet, check
+from datahaul.protocol.packet import Packet, check, xxh128_of
 from datahaul.sender import (
     GatewayUnavailable,
     RetryPolicy,
@@ -206,7 +206,8 @@ def test_a_file_written_to_while_sent_is_noticed(tmp_path: Path) -> None:
 
 
 def test_packets_carry_checksums_the_gateway_accepts() -> None:
-    """Each packet has its chunk's SHA-256 and the file's, and passes the check."""
+    """Each packet has its chunk's XXH128 and the file's SHA-256, and passes the
+    check."""
     data = b"0123456789" * 50
     source = BytesSource(data)
     sha = sha256_of(source)
@@ -229,7 +230,7 @@ def test_packets_carry_checksums_the_gateway_accepts() -> None:
     decoded = msgspec.json.decode(wire, type=list[Packet])
     for packet in decoded:
         check(packet, MAX_CHUNK_SIZE)
-        assert packet.chunk_sha256 == hashlib.sha256(packet.data).hexdigest()
+        assert packet.chunk_xxh128 == xxh128_of(packet.data)
         assert packet.file_sha256 == hashlib.sha256(data).hexdigest()
         assert packet.total_seq == 8
     assert b"".join(p.data for p in decoded) == data
@@ -255,7 +256,7 @@ def test_raw_put_fields_fit_http_headers() -> None:
     fields = _raw_fields(plain)
     assert fields["total_seq"] == "10"
     assert fields["metadata"].isascii()
-    assert _header_name("chunk_sha256") == "X-Datahaul-Chunk-Sha256"
+    assert _header_name("chunk_xxh128") == "X-Datahaul-Chunk-Xxh128"
     assert _header_name("total_seq") == "X-Datahaul-Total-Seq"
     assert _query_fields(plain) == {}
 
@@ -565,10 +566,7 @@ async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
 
     async def put_chunk(request: web.Request) -> web.Response:
         chunk = await request.read()
-        assert (
-            hashlib.sha256(chunk).hexdigest()
-            == request.headers["X-Datahaul-Chunk-Sha256"]
-        )
+        assert xxh128_of(chunk) == request.headers["X-Datahaul-Chunk-Xxh128"]
         put.append(int(request.match_info["seq"]))
         return web.json_response({"accepted": 1, "buffered": 0})
 

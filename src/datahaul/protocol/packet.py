@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import msgspec
+import xxhash
 
 from datahaul.errors import PacketError
 
@@ -16,12 +18,14 @@ DATA_TYPES: tuple[str, ...] = get_args(DataType)
 
 FILE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+HEX_PATTERN = re.compile(r"[0-9a-f]+")
 
 # The optional fields, in the order the protocol document lists them.
 OPTIONAL_TEXT_FIELDS = (
     "file_name",
     "content_type",
     "device_id",
+    "chunk_xxh128",
     "chunk_sha256",
     "file_sha256",
 )
@@ -38,6 +42,7 @@ class Packet(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     file_name: str | None = None
     content_type: str | None = None
     device_id: str | None = None
+    chunk_xxh128: str | None = None
     chunk_sha256: str | None = None
     file_sha256: str | None = None
     metadata: dict[str, Any] | None = None
@@ -94,20 +99,55 @@ def _check_chunk(packet: Packet, max_chunk_bytes: int) -> None:
             f"chunk of {len(packet.data)} bytes is over the limit of "
             f"{max_chunk_bytes} bytes; split the file into smaller packets",
         )
-    if packet.chunk_sha256 is None:
-        return
-    # A value equal to the data's digest is well formed: only a mismatch
-    # needs the pattern, to say which of the two went wrong.
-    actual = hashlib.sha256(packet.data).hexdigest()
-    if actual == packet.chunk_sha256:
-        return
-    if not SHA256_PATTERN.match(packet.chunk_sha256):
-        raise PacketError("chunk_sha256", "must be 64 lowercase hexadecimal digits")
-    raise PacketError(
-        "chunk_sha256",
-        f"does not match the data (its SHA-256 is {actual}); "
-        "the chunk was corrupted on the way, send it again",
-    )
+    for check in CHUNK_CHECKS:
+        claimed = getattr(packet, check.field)
+        if claimed is not None:
+            check.verify(claimed, packet.data)
+
+
+def xxh128_of(data: bytes) -> str:
+    """A chunk's XXH128 (XXH3, 128 bits, seed 0) as `xxhsum -H2` prints it."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChunkCheck:
+    """A digest a packet may carry for its chunk, checked wherever it arrives."""
+
+    field: str
+    algorithm: str
+    hex_digits: int
+    digest: Callable[[bytes], str]
+
+    def verify(self, claimed: str, data: bytes) -> None:
+        actual = self.digest(data)
+        if actual == claimed:
+            return
+        # A value equal to the data's digest is well formed: only a mismatch
+        # needs the pattern, to say which of the two went wrong.
+        if len(claimed) != self.hex_digits or not HEX_PATTERN.fullmatch(claimed):
+            raise PacketError(
+                self.field, f"must be {self.hex_digits} lowercase hexadecimal digits"
+            )
+        raise PacketError(
+            self.field,
+            f"does not match the data (its {self.algorithm} is {actual}); "
+            "the chunk was corrupted on the way, send it again",
+        )
+
+
+# XXH128 guards a chunk against corruption on the way for a fourteenth of
+# SHA-256's CPU (28 against 2 GB/s on the benchmark machine); the file's
+# SHA-256, checked once it is assembled, stays the end-to-end proof.
+# Clients that send a chunk's SHA-256 instead get it checked as before.
+CHUNK_CHECKS = (
+    ChunkCheck("chunk_xxh128", "XXH128", 32, xxh128_of),
+    ChunkCheck("chunk_sha256", "SHA-256", 64, _sha256_hex),
+)
 
 
 def from_fields(fields: Mapping[str, str], data: bytes) -> Packet:

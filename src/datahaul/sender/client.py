@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import random
 import time
@@ -34,7 +33,7 @@ import structlog
 from datahaul.config import Settings
 from datahaul.errors import ConfigError, DatahaulError
 from datahaul.protocol import wire
-from datahaul.protocol.packet import DataType, Packet
+from datahaul.protocol.packet import DataType, Packet, xxh128_of
 from datahaul.sender.batching import (
     Batcher,
     Queued,
@@ -153,7 +152,7 @@ class _FileSend:
     sent: int = 0
     buffered: int = 0
 
-    def packet(self, seq: int, data: bytes, chunk_sha256: str | None = None) -> Packet:
+    def packet(self, seq: int, data: bytes, chunk_xxh128: str | None = None) -> Packet:
         return Packet(
             type=self.type,
             file_id=self.file_id,
@@ -163,7 +162,7 @@ class _FileSend:
             file_name=self.file_name,
             content_type=self.content_type,
             device_id=self.device_id,
-            chunk_sha256=chunk_sha256 or hashlib.sha256(data).hexdigest(),
+            chunk_xxh128=chunk_xxh128 or xxh128_of(data),
             file_sha256=self.sha256,
             metadata=self.metadata,
         )
@@ -717,7 +716,7 @@ class Sender:
         headers = {
             _header_name(name): value for name, value in state.raw_fields.items()
         }
-        headers[_header_name("chunk_sha256")] = packet.chunk_sha256 or ""
+        headers[_header_name("chunk_xxh128")] = packet.chunk_xxh128 or ""
         params = _query_fields(state)
         try:
             _, answer = await self._request(
@@ -888,10 +887,8 @@ class Sender:
 
 
 def _read_and_hash(source: ChunkSource, offset: int, length: int) -> tuple[bytes, str]:
-    # Hashing a multi-MiB chunk takes milliseconds: off the event loop, and
-    # hashlib lets go of the GIL while it works.
     data = source.read(offset, length)
-    return data, hashlib.sha256(data).hexdigest()
+    return data, xxh128_of(data)
 
 
 def _read_and_hash_ranges(
