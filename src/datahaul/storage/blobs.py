@@ -18,6 +18,7 @@ from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from datahaul.errors import ConfigError, StorageError
+from datahaul.storage.direct import DirectWriter
 
 READ_BLOCK = 1024 * 1024
 # How much of a stream is written before its writeback is started.
@@ -68,6 +69,7 @@ class FilesystemStore:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
+        self._direct = DirectWriter()
 
     def path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -116,16 +118,7 @@ class FilesystemStore:
         """
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            for offset, data in pieces:
-                view = memoryview(data)
-                while view:
-                    written = os.pwrite(descriptor, view, offset)
-                    view, offset = view[written:], offset + written
-            os.fdatasync(descriptor)
-        finally:
-            os.close(descriptor)
+        self._direct.write(target, pieces)
 
     def adopt(self, key: str, source: Path) -> str:
         """Make a file of the same filesystem the object under key, uncopied.
