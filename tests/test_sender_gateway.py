@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from datahaul.cli.early_hash import EARLY_BYTES
 from datahaul.sender import (
     GatewayRejected,
     GatewayUnavailable,
@@ -345,6 +346,28 @@ def test_the_command_prints_ids_and_resumes(
     assert second.stdout.count("already sent") == 1
     for row in rows:
         assert row["file_id"] in second.stdout
+
+
+def test_the_command_takes_a_large_file_s_id_from_its_early_hash(
+    start: StartProcess, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A file of EARLY_BYTES or more is hashed while `datahaul send` loads;
+    the id it prints is still the first 32 hex digits of its SHA-256."""
+    gateway = start("gateway")
+    video = _write(tmp_path / "drive.mp4", EARLY_BYTES + 1000, 8)
+    command = [str(DATAHAUL), "-v", "send", str(video), "--gateway", gateway]
+
+    sent = subprocess.run(
+        [*command, "--json", "--chunk-size", "4M"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+    assert sent.returncode == 0, sent.stderr
+    [row] = json.loads(sent.stdout)
+    assert row["file_id"] == hashlib.sha256(video.read_bytes()).hexdigest()[:32]
+    assert "file.hash_known" in sent.stderr
 
 
 def _no_broker(quota: int) -> dict[str, str]:

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from datahaul.cli import early_hash
 from datahaul.cli.common import ExitCode, fail
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
@@ -99,7 +100,12 @@ def send(
         options = _send_options(type, chunk_size, file_id, device_id, metadata, files)
         gateway_url = Settings.load(gateway_url=gateway).gateway_url
         retry = RetryPolicy(attempts=attempts)
-        sender = Sender(gateway_url, concurrency=concurrency, retry=retry)
+        sender = Sender(
+            gateway_url,
+            concurrency=concurrency,
+            retry=retry,
+            known_sha256=early_hash.digest_for,
+        )
     except DatahaulError as error:
         raise fail(str(error), ExitCode.USAGE) from None
 

@@ -180,6 +180,8 @@ class FileSource:
         stat = os.fstat(self._fd)
         self._size = stat.st_size
         self._mtime_ns = stat.st_mtime_ns
+        # Which file this is, as a digest worked out beforehand must match.
+        self.identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         # A small file is read once: many tiny reads of it cost more in
         # system calls than holding it.
         self._whole = (

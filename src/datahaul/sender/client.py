@@ -19,6 +19,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -93,6 +94,9 @@ class ProgressEvent:
 
 
 ProgressHook = Callable[[ProgressEvent], None]
+# Given a file's (device, inode, size, mtime_ns), the future of its SHA-256
+# if something is already working it out, else None.
+KnownDigests = Callable[[tuple[int, int, int, int]], Future[str] | None]
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,8 @@ class Sender:
     a run of large chunks up to LARGE_RUN_BYTES, is one request); with it,
     memory stays near concurrency x the larger of the chunk size and
     LARGE_RUN_BYTES, however large the files are. `progress`, if set, hears
-    of every step of every file.
+    of every step of every file. `known_sha256`, if set, is asked for a
+    file's SHA-256 before the Sender reads the file to work it out.
     """
 
     def __init__(
@@ -227,6 +232,7 @@ class Sender:
         batch_bytes: int = BATCH_BYTES,
         batch_packets: int = BATCH_PACKETS,
         files_in_flight: int = FILES_IN_FLIGHT,
+        known_sha256: KnownDigests | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
@@ -246,6 +252,7 @@ class Sender:
         self._batch_bytes = batch_bytes
         self._batch_packets = batch_packets
         self._files_in_flight = files_in_flight
+        self._known_sha256 = known_sha256
         self._rng = random.Random()
         self._troubled = False
         self._session: aiohttp.ClientSession | None = None
@@ -511,13 +518,15 @@ class Sender:
     ) -> _FileSend:
         if file_id is not None:
             check_file_id(file_id)
-        # A file small enough to be held whole is hashed here: a thread hop
-        # costs the event loop more than hashing a quarter of a MiB.
-        sha256 = (
-            sha256_of(source)
-            if source.size <= WHOLE_FILE_BYTES
-            else await asyncio.to_thread(sha256_of, source)
-        )
+        sha256 = await self._sha256_known(source)
+        if sha256 is None:
+            # A file small enough to be held whole is hashed here: a thread
+            # hop costs the event loop more than hashing a quarter of a MiB.
+            sha256 = (
+                sha256_of(source)
+                if source.size <= WHOLE_FILE_BYTES
+                else await asyncio.to_thread(sha256_of, source)
+            )
         state = _FileSend(
             source=label,
             file_id=file_id or file_id_from_sha256(sha256),
@@ -531,6 +540,20 @@ class Sender:
         )
         state.raw_fields = _raw_fields(state)
         return state
+
+    async def _sha256_known(self, source: ChunkSource) -> str | None:
+        if self._known_sha256 is None or not isinstance(source, FileSource):
+            return None
+        future = self._known_sha256(source.identity)
+        if future is None:
+            return None
+        try:
+            sha256 = await asyncio.wrap_future(future)
+        except OSError as error:
+            log.debug("file.known_hash_failed", path=str(source.path), error=str(error))
+            return None
+        log.debug("file.hash_known", path=str(source.path))
+        return sha256
 
     async def _deliver(self, state: _FileSend, source: ChunkSource) -> SendResult:
         # Asking the gateway what it has costs a round trip and a ledger read;
