@@ -40,6 +40,7 @@ class Settings:
     outbox_quota_bytes: int = 2048 * MiB
     ledger_files: int = 10_000
     prefetch: int = 32
+    large_prefetch: int = 16
     batch_packets: int = 256
     lease_seconds: float = 30.0
     expire_after: float = 24 * 3600.0
@@ -68,6 +69,12 @@ class Settings:
                 "quorum_group_size must be 0 (the broker's default) or the number "
                 f"of nodes to replicate each queue on, got {self.quorum_group_size}"
             )
+        for name in ("prefetch", "large_prefetch"):
+            if (value := getattr(self, name)) < 1:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()} must be at least 1 (0 would let "
+                    f"RabbitMQ hand one worker a whole queue), got {value}"
+                )
         return dataclasses.replace(
             self,
             data_dir=data_dir,

@@ -152,7 +152,6 @@ class Worker:
             await asyncio.sleep(delay)
 
     async def _serve(self, channel: AbstractChannel) -> asyncio.Task[None]:
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
         await self.topology.apply(channel)
         # Events go to the exchange by name; this fails now if it is missing.
         await channel.get_exchange(topology.EVENT_EXCHANGE)
@@ -160,15 +159,26 @@ class Worker:
         self._dead = await channel.get_exchange(topology.DEAD_EXCHANGE)
         inbox: asyncio.Queue[Delivery] = asyncio.Queue()
 
+        prefetch = {t: self._prefetch_for(t) for t in self.types}
         for data_type in self.types:
+            # Without `global`, RabbitMQ applies the limit to each consumer
+            # started after it on this channel.
+            await channel.set_qos(prefetch_count=prefetch[data_type])
             queue = await channel.get_queue(topology.queue_for(data_type))
             await queue.consume(_enqueue(inbox, data_type))
         log.info(
             "worker.consuming",
             queues=[topology.queue_for(t) for t in self.types],
-            prefetch=self.settings.prefetch,
+            prefetch={topology.queue_for(t): n for t, n in prefetch.items()},
         )
         return asyncio.create_task(self._drain(inbox), name="drain")
+
+    def _prefetch_for(self, data_type: str) -> int:
+        # Image and video messages carry up to a MiB of chunks each, or one
+        # larger chunk: their limit bounds the bytes a worker holds unstaged.
+        if data_type == "text":
+            return self.settings.prefetch
+        return self.settings.large_prefetch
 
     async def _drain(self, inbox: asyncio.Queue[Delivery]) -> None:
         """Take deliveries in batches: one catalog transaction for many packets."""
