@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from datahaul.cli import early_hash
-from datahaul.cli.common import ExitCode, fail
+from datahaul.cli.common import ExitCode, fail, keep_large_buffers
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 from datahaul.sender import (
@@ -95,6 +95,7 @@ def send(
     ),
 ) -> None:
     """Send files to the gateway, resuming what it already has; prints each id."""
+    keep_large_buffers()
     try:
         files = _check_paths(paths, type)
         options = _send_options(type, chunk_size, file_id, device_id, metadata, files)

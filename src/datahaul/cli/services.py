@@ -13,7 +13,7 @@ import typer
 
 from datahaul.broker import topology
 from datahaul.broker.connection import NodeRing
-from datahaul.cli.common import ExitCode, fail
+from datahaul.cli.common import ExitCode, fail, keep_large_buffers
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 from datahaul.protocol.packet import DATA_TYPES
@@ -66,6 +66,7 @@ def gateway(
         gateway_host=host,
     )
     freeze_startup_heap()
+    keep_large_buffers()
     run(settings)
 
 
@@ -100,6 +101,7 @@ def worker(
     if metrics_port is not None:
         _serve_metrics(metrics_host, metrics_port)
     freeze_startup_heap()
+    keep_large_buffers()
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_run_until_signalled(Worker(settings, types)))
