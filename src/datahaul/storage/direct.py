@@ -33,8 +33,8 @@ class DirectWriter:
 
     Pieces that are not page-aligned (a file's last chunk, odd chunk sizes)
     go through the page cache. Where the filesystem refuses O_DIRECT
-    (tmpfs, some network filesystems) the writer says so once and writes
-    everything through the page cache from then on.
+    (tmpfs on older kernels, some network filesystems) the writer says so
+    once and writes everything through the page cache from then on.
     """
 
     def __init__(self) -> None:
