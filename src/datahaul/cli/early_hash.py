@@ -104,8 +104,10 @@ def _collect(child: int, readable: int, futures: list[Future[str]]) -> None:
 
 
 def _sha256_of(name: str, size: int, wanted: Callable[[], bool]) -> str:
-    # Only the size seen at the start is hashed: a file that grew or shrank
-    # since has another identity, and this digest is not used for it.
+    # Not the sender's sha256_of: importing datahaul.sender loads aiohttp,
+    # which would cost the child the head start it is for. Only the size
+    # seen at the start is hashed: a file that grew or shrank since has
+    # another identity, and this digest is not used for it.
     digest = hashlib.sha256()
     block = bytearray(BLOCK_BYTES)
     view = memoryview(block)

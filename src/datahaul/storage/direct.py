@@ -1,7 +1,8 @@
 """Writes that go around the page cache (O_DIRECT), for a file's staged image.
 
 A staged image is written once, hashed from the bytes still in memory and
-linked as the blob; nothing reads it back soon. Through the page cache
+linked as the blob; only a chunk that came before its turn is read back,
+once. Through the page cache
 every page of it costs the kernel a page allocation and a copy: in the
 benchmark's VM most of the worker's system time. Written directly, the
 disk takes the bytes from one aligned buffer.

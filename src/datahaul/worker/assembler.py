@@ -287,7 +287,8 @@ class Assembler:
         """Hash the chunks that now follow the hashed prefix, in seq order.
 
         Chunks of this batch are at hand; ones that came early are read
-        back from the image (the page cache, usually).
+        back from the image: from the disk, as the image is written around
+        the page cache.
         """
         blocks = []
         while image.next_seq in image.recorded:
