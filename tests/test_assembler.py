@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -234,19 +235,123 @@ def test_bytes_past_the_end_of_the_image_make_it_copied(
     assert not stored_in_place(settings, catalog, assembler)
 
 
+def staging_folder(settings: Settings, file_id: str = "video-1") -> Path:
+    return Path(settings.staging_url.removeprefix("file://")) / file_id
+
+
+def test_the_staging_directory_deletes_objects_by_key_and_their_empty_folder(
+    settings: Settings,
+) -> None:
+    staging = open_store(settings.staging_url)
+    for key in ("f1/seg-a", "f1/seg-b", "f2/seg-a"):
+        staging.put(key, b"data")
+    assert staging.list_names("f1") == ["seg-a", "seg-b"]
+    assert staging.list_names("nothing-here") == []
+
+    staging.delete_keys(["f1/seg-a", "f1/never-written", "f2/seg-a"])
+    assert staging.list_names("f1") == ["seg-b"]
+    assert staging.list_prefixes("") == ["f1"]
+
+
+class StagingWithAPause(FilesystemStore):
+    """A staging directory that runs `meanwhile` once, after a batch's bytes
+    are written and before the catalog records them."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.meanwhile: Callable[[], None] | None = None
+
+    def sync(self, keys: Iterable[str]) -> None:
+        super().sync(keys)
+        action, self.meanwhile = self.meanwhile, None
+        if action is not None:
+            action()
+
+
 def test_a_file_expired_and_sent_again_is_not_built_on_its_old_image(
     settings: Settings, catalog: Catalog
 ) -> None:
-    """Another worker expires the file and deletes its staging meanwhile."""
+    """Another worker expires the file and removes its image meanwhile."""
     assembler = worker(settings, catalog)
     stage_in_batches(assembler, [[1, 2, 3, 4, 5]])
-    assert catalog.expire(older_than=time.time() + 1) == ["video-1"]
-    open_store(settings.staging_url).delete_prefix("video-1")
+    assert worker(settings, catalog, "w2").expire(time.time() + 1) == ["video-1"]
+    assert not staging_folder(settings).exists()
 
     stage_in_batches(assembler, [list(range(1, 12))])
 
     assert finalize(assembler) == "stored"
     stored_blob(catalog)
+    assert catalog.objects_to_remove() == []
+
+
+def test_an_image_removed_by_an_expiry_between_its_write_and_its_record_is_redone(
+    settings: Settings, catalog: Catalog
+) -> None:
+    """The expiry lands after this worker wrote into the file's old image and
+    before the catalog recorded it: those chunks are staged again, afresh."""
+    staging = StagingWithAPause(Path(settings.staging_url.removeprefix("file://")))
+    assembler = Assembler(
+        settings, catalog, staging, open_store(settings.blob_url), owner="w1"
+    )
+    stage_in_batches(assembler, [[1, 2, 3, 4, 5]])
+    [old_image] = segments(settings)
+    sweeper = worker(settings, catalog, "w2")
+    staging.meanwhile = lambda: sweeper.expire(time.time() + 1)
+
+    stage_in_batches(assembler, [[6, 7, 8, 9, 10, 11]])
+
+    assert catalog.received_seqs("video-1") == [6, 7, 8, 9, 10, 11]
+    assert not old_image.exists()
+    stage_in_batches(assembler, [[1, 2, 3, 4, 5]])  # the resumed sender's
+    assert finalize(assembler) == "stored"
+    stored_blob(catalog)
+
+
+def test_a_packet_that_starts_an_expired_file_over_keeps_its_staged_bytes(
+    settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file starts over, on another worker, between the expiry's commit
+    and its removal of the staging: the new chunks' bytes stay."""
+    stage_in_batches(worker(settings, catalog, "w1"), [[1, 2, 3, 4, 5]])
+    sweeping = Catalog.open(settings.catalog_url)
+    sweeper = worker(settings, sweeping, "w2")
+    resumed = worker(settings, catalog, "w3")
+    expire = sweeping.expire
+
+    def expire_then_resume(*args: Any) -> list[str]:
+        expired = expire(*args)
+        stage_in_batches(resumed, [list(range(1, 12))])
+        return expired
+
+    monkeypatch.setattr(sweeping, "expire", expire_then_resume)
+    try:
+        assert sweeper.expire(time.time() + 1) == ["video-1"]
+    finally:
+        sweeping.close()
+
+    assert len(segments(settings)) == 1
+    assert finalize(resumed) == "stored"
+    stored_blob(catalog)
+
+
+def test_leftovers_in_an_expired_files_folder_are_swept_with_the_folder(
+    settings: Settings, catalog: Catalog
+) -> None:
+    """Bytes a crashed worker staged after the expiry go at the next sweep;
+    once the file starts over, its folder is left to it."""
+    assembler = worker(settings, catalog)
+    stage_in_batches(assembler, [[1, 2, 3]])
+    assert assembler.expire(time.time() + 1) == ["video-1"]
+    staging = open_store(settings.staging_url)
+    staging.put("video-1/00000004-crashed", b"never recorded")
+
+    assembler.sweep_staging()
+    assert not staging_folder(settings).exists()
+
+    stage_in_batches(assembler, [[1, 2]])
+    assembler.sweep_staging()
+    assert len(segments(settings)) == 1
+    assert catalog.received_seqs("video-1") == [1, 2]
 
 
 def test_chunks_split_between_two_workers_are_copied_into_one_file(

@@ -284,6 +284,218 @@ def test_stale_files_expire_and_a_new_packet_starts_them_over(
     }
 
 
+def staged_as(*items: tuple[Packet, str]) -> list[tuple[Packet, str | None]]:
+    return list(items)
+
+
+BIG = b"x" * (INLINE_LIMIT + 1)
+
+
+def test_an_expiry_discards_the_objects_its_chunks_and_its_folder_held(
+    catalog: Catalog,
+) -> None:
+    """The objects named by the expired chunks and those listed in the folder
+    are to be removed; a chunk staged into one of them later is stale, one
+    staged into a new object counts, and finishing the file forgets them."""
+    catalog.stage(
+        staged_as(
+            (packet("late", 1, 3, BIG), "image-a@0"),
+            (packet("late", 2, 3, BIG), "image-a@65"),
+        ),
+        INLINE_LIMIT,
+    )
+    listed = {"late": ["image-a", "orphan-b"]}
+    assert catalog.expire(time.time() + 1, listed) == ["late"]
+    assert catalog.objects_to_remove() == [("late", "image-a"), ("late", "orphan-b")]
+
+    result = catalog.stage(
+        staged_as(
+            (packet("late", 1, 3, BIG), "image-a@0"),
+            (packet("late", 2, 3, BIG), "segment-c@0"),
+            (packet("late", 3, 3, BIG), "orphan-b@0"),
+        ),
+        INLINE_LIMIT,
+    )
+    assert [o.status for o in result.outcomes] == ["stale", "staged", "stale"]
+    assert catalog.received_seqs("late") == [2]
+
+    catalog.mark_removed([("late", "image-a")])
+    assert catalog.objects_to_remove() == [("late", "orphan-b")]
+
+    stage(catalog, packet("late", 1, 3, BIG), packet("late", 3, 3, BIG))
+    assert catalog.claim("late", "worker-a", 30)
+    record = catalog.get("late")
+    assert record is not None
+    assert catalog.finish(record, "worker-a", state=STORED, size=3 * len(BIG))
+    assert catalog.objects_to_remove() == []
+    assert catalog.db.query("SELECT COUNT(*) FROM discarded_objects")[0][0] == 0
+
+
+def test_an_expiry_checks_again_that_the_file_is_idle(catalog: Catalog) -> None:
+    """A file found stale, then sent a packet before the expiry commits,
+    stays receiving with its chunks."""
+    stage(catalog, packet("busy", 1, 3, BIG))
+    cutoff = time.time() + 0.5
+    assert catalog.stale_files(cutoff) == ["busy"]
+    time.sleep(0.6)
+    stage(catalog, packet("busy", 2, 3, BIG))
+
+    assert catalog.expire(cutoff, {"busy": ["00000001-x"]}) == []
+    assert catalog.received_seqs("busy") == [1, 2]
+    assert catalog.objects_to_remove() == []
+
+
+def test_leftovers_are_discarded_only_while_the_file_stays_expired(
+    catalog: Catalog,
+) -> None:
+    """What a sweep finds in an expired file's folder is discarded, again if
+    it was removed and written since; nothing once the file started over."""
+    stage(catalog, packet("gone", 1, 2, BIG))
+    assert catalog.expire(time.time() + 1) == ["gone"]
+    assert catalog.objects_to_remove() == [("gone", "00000001-x")]
+    catalog.mark_removed([("gone", "00000001-x")])
+
+    assert catalog.discard_leftovers("gone", ["00000001-x", "crashed-y"])
+    assert catalog.objects_to_remove() == [
+        ("gone", "00000001-x"),
+        ("gone", "crashed-y"),
+    ]
+
+    stage(catalog, packet("gone", 2, 2, BIG))
+    assert not catalog.discard_leftovers("gone", ["00000002-x"])
+    assert ("gone", "00000002-x") not in catalog.objects_to_remove()
+
+
+def test_staging_waits_for_an_expiry_in_progress_and_sees_it(
+    catalog: Catalog, catalog_url: str
+) -> None:
+    """A batch staged while another connection expires its file is judged
+    by the expiry's outcome, not by the state before it."""
+    stage(catalog, packet("raced", 1, 3, BIG))
+    stale_at = time.time() + 1
+    holding, release = threading.Event(), threading.Event()
+
+    def expire_slowly() -> None:
+        other = Catalog(open_database(catalog_url))
+        try:
+            with other.db.transaction() as txn:
+                assert other._expire_file(txn, "raced", stale_at, ["image-r"], 0.0)
+                holding.set()
+                release.wait(timeout=10)
+        finally:
+            other.close()
+
+    expiring = threading.Thread(target=expire_slowly)
+    expiring.start()
+    assert holding.wait(timeout=10)
+    staging: dict[str, Any] = {}
+
+    def stage_meanwhile() -> None:
+        staging["result"] = catalog.stage(
+            staged_as((packet("raced", 2, 3, BIG), "image-r@65")), INLINE_LIMIT
+        )
+
+    stager = threading.Thread(target=stage_meanwhile)
+    stager.start()
+    stager.join(timeout=0.5)
+    assert stager.is_alive(), "staging did not wait for the expiry's lock"
+    release.set()
+    expiring.join(timeout=10)
+    stager.join(timeout=10)
+
+    assert [o.status for o in staging["result"].outcomes] == ["stale"]
+    record = catalog.get("raced")
+    assert record is not None
+    assert (record.state, record.received) == (RECEIVING, 0)
+
+
+def test_an_expiry_waits_for_a_batch_that_read_its_file_and_spares_it(
+    catalog: Catalog, catalog_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expiry that comes while a batch is between reading its file's row
+    and recording its chunks waits for it, then finds the file busy."""
+    stage(catalog, packet("raced", 1, 3, BIG))
+    time.sleep(0.05)
+    stale_at = time.time()
+    time.sleep(0.05)
+    reading, release = threading.Event(), threading.Event()
+    record_chunk = catalog._stage_chunk
+
+    def record_after_a_pause(*args: Any) -> Any:
+        reading.set()
+        release.wait(timeout=10)
+        return record_chunk(*args)
+
+    monkeypatch.setattr(catalog, "_stage_chunk", record_after_a_pause)
+    staging: dict[str, Any] = {}
+
+    def stage_slowly() -> None:
+        staging["result"] = catalog.stage(
+            staged_as((packet("raced", 2, 3, BIG), "segment-s@0")), INLINE_LIMIT
+        )
+
+    stager = threading.Thread(target=stage_slowly)
+    stager.start()
+    assert reading.wait(timeout=10)
+    expired: list[list[str]] = []
+
+    def expire_meanwhile() -> None:
+        other = Catalog(open_database(catalog_url))
+        try:
+            expired.append(other.expire(stale_at, {"raced": ["segment-s"]}))
+        finally:
+            other.close()
+
+    expiring = threading.Thread(target=expire_meanwhile)
+    expiring.start()
+    expiring.join(timeout=0.5)
+    assert expiring.is_alive(), "the expiry did not wait for the batch's lock"
+    release.set()
+    stager.join(timeout=10)
+    expiring.join(timeout=10)
+
+    assert expired == [[]]
+    assert [o.status for o in staging["result"].outcomes] == ["staged"]
+    assert catalog.received_seqs("raced") == [1, 2]
+
+
+def test_a_catalog_of_the_first_schema_is_migrated_with_its_files(
+    catalog_url: str,
+) -> None:
+    """Migration 2 adds the expiry's bookkeeping to a catalog in use."""
+    database = open_database(catalog_url)
+    try:
+        with database.transaction() as txn:
+            txn.execute(
+                "CREATE TABLE schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for statement in (
+                MIGRATIONS[0][1].format(blob=database.blob_type).split(";")
+            ):
+                if statement.strip():
+                    txn.execute(statement)
+            txn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (1, 0)"
+            )
+            txn.execute(
+                "INSERT INTO files (file_id, type, total_seq, state, created_at, "
+                "updated_at) VALUES ('old', 'image', 2, 'receiving', 0, 0)"
+            )
+    finally:
+        database.close()
+
+    catalog = Catalog.open(catalog_url)
+    try:
+        assert catalog.migrate() == []
+        versions = catalog.db.query("SELECT version FROM schema_migrations")
+        assert sorted(row[0] for row in versions) == [1, 2]
+        assert catalog.expire(time.time()) == ["old"]
+        assert stage(catalog, packet("old", 1, 2)) == ([(1, "staged")], set())
+    finally:
+        catalog.close()
+
+
 def test_listing_filters_and_pages(catalog: Catalog) -> None:
     """Files are listed newest first, filtered by type, device, state and
     time, and paged without gaps or repeats."""

@@ -110,6 +110,25 @@ def test_prefixes_are_listed_and_deleted(store: S3Store, s3_server, bucket) -> N
     ]
 
 
+def test_objects_in_a_folder_are_listed_and_deleted_by_key(
+    store: S3Store, s3_server, bucket
+) -> None:
+    """list_names shows the objects directly in a folder; delete_keys removes
+    the named ones, missing ones included, and leaves the rest."""
+    for key in ("f1/seg-a", "f1/seg-b", "f1/deeper/c", "f10/seg-a"):
+        store.put(key, b"data")
+
+    assert store.list_names("f1") == ["seg-a", "seg-b"]
+    assert store.list_names("nothing-here") == []
+
+    store.delete_keys(["f1/seg-a", "f1/never-written"])
+    assert bucket_keys(s3_server, bucket) == [
+        "center/f1/deeper/c",
+        "center/f1/seg-b",
+        "center/f10/seg-a",
+    ]
+
+
 def test_delete_prefix_deletes_in_batches(
     store: S3Store, s3_server, bucket, monkeypatch
 ) -> None:

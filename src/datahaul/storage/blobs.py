@@ -58,6 +58,12 @@ class BlobStore(Protocol):
     def list_prefixes(self, prefix: str) -> list[str]:
         """The names of the 'folders' directly under prefix."""
 
+    def list_names(self, prefix: str) -> list[str]:
+        """The names of the objects directly under prefix."""
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        """Remove these objects; one that is not there is not an error."""
+
     def sync(self, keys: Iterable[str]) -> None:
         """Make earlier `put`s of these keys durable (a no-op where they are)."""
 
@@ -182,6 +188,25 @@ class FilesystemStore:
         if not folder.is_dir():
             return []
         return sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+
+    def list_names(self, prefix: str) -> list[str]:
+        folder = self.path(prefix)
+        try:
+            return sorted(entry.name for entry in folder.iterdir() if entry.is_file())
+        except FileNotFoundError:
+            return []
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        folders = set()
+        for key in keys:
+            path = self.path(key)
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in folders - {self.root}:
+            # Only an empty folder goes; a writer that lost the race to
+            # this rmdir fails its write, and its batch is tried again.
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        # An expired file's staged objects are removed one by one, not by
+        # folder, and a chunk staged into one of them is refused: a worker
+        # may still write into a file's old image when the file starts over.
+        """
+        ALTER TABLE files ADD COLUMN expiries INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE discarded_objects (
+            file_id TEXT NOT NULL,
+            staged_object TEXT NOT NULL,
+            discarded_at DOUBLE PRECISION NOT NULL,
+            removed_at DOUBLE PRECISION,
+            PRIMARY KEY (file_id, staged_object)
+        );
+        """,
+    ),
 ]
 
 
@@ -125,7 +141,9 @@ class StageOutcome:
     """What happened to one packet in a staging transaction."""
 
     packet: Packet
-    status: str  # "staged", "duplicate", or "conflict"
+    # "staged", "duplicate", "conflict", or "stale": staged into an object
+    # that the file's expiry discarded, so its bytes may be gone.
+    status: str
     reason: str = ""
 
 
@@ -136,6 +154,14 @@ class StageResult:
     outcomes: list[StageOutcome] = field(default_factory=list)
     complete: set[str] = field(default_factory=set)
     finished: list[FileRecord] = field(default_factory=list)
+
+
+STALE_REASON = "staged into an object that the file's expiry discarded"
+
+
+def staged_object(staged_name: str) -> str:
+    """The staging object a chunk's name points into ('segment@offset')."""
+    return staged_name.partition("@")[0]
 
 
 def integrity_error(actual_sha256: str, expected_sha256: str | None) -> str | None:
@@ -360,10 +386,21 @@ class Catalog:
 
         The file row is read once and updated once per batch, not per packet.
         """
-        kind, total_seq, state = self._file_row_for(txn, packets[0][0], now)
+        file_id = packets[0][0].file_id
+        kind, total_seq, state, expiries = self._file_row_for(txn, packets[0][0], now)
+        discarded: set[str] = set()
+        if expiries and any(name is not None for _, name in packets):
+            rows = txn.execute(
+                "SELECT staged_object FROM discarded_objects WHERE file_id = ?",
+                (file_id,),
+            ).fetchall()
+            discarded = {row[0] for row in rows}
         outcomes: list[StageOutcome] = []
         added, added_bytes = 0, 0
         for packet, staged_name in packets:
+            if staged_name is not None and staged_object(staged_name) in discarded:
+                outcomes.append(StageOutcome(packet, "stale", STALE_REASON))
+                continue
             outcome = self._stage_chunk(
                 txn, packet, staged_name, (kind, total_seq, state), inline_limit
             )
@@ -378,7 +415,7 @@ class Catalog:
             "UPDATE files SET received = received + ?, "
             "received_bytes = received_bytes + ?, updated_at = ? "
             "WHERE file_id = ? RETURNING received",
-            (added, added_bytes, now, packets[0][0].file_id),
+            (added, added_bytes, now, file_id),
         ).fetchone()
         assert received is not None
         return outcomes, received[0] == total_seq
@@ -421,7 +458,12 @@ class Catalog:
 
     def _file_row_for(
         self, txn: Transaction, packet: Packet, now: float
-    ) -> tuple[str, int, str]:
+    ) -> tuple[str, int, str, int]:
+        """The file's type, total_seq, state and expiries, its row locked.
+
+        The lock is what keeps a staging transaction from judging its chunks
+        by a state that a concurrent expiry is changing.
+        """
         txn.execute(
             "INSERT INTO files (file_id, type, total_seq, state, file_name, "
             "content_type, device_id, expected_sha256, metadata, created_at, "
@@ -441,8 +483,11 @@ class Catalog:
                 now,
             ),
         )
+        # SQLite's writers take the whole database (BEGIN IMMEDIATE).
+        lock = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
         row = txn.execute(
-            "SELECT type, total_seq, state FROM files WHERE file_id = ?",
+            "SELECT type, total_seq, state, expiries FROM files WHERE file_id = ?"
+            + lock,
             (packet.file_id,),
         ).fetchone()
         assert row is not None
@@ -453,8 +498,8 @@ class Catalog:
                 "received_bytes = 0, error = NULL, updated_at = ? WHERE file_id = ?",
                 (RECEIVING, packet.type, packet.total_seq, now, packet.file_id),
             )
-            return packet.type, packet.total_seq, RECEIVING
-        return row[0], row[1], row[2]
+            return packet.type, packet.total_seq, RECEIVING, row[3]
+        return row[0], row[1], row[2], row[3]
 
     def claim(self, file_id: str, owner: str, lease_seconds: float) -> bool:
         """Take the right to finalize a complete file; only one worker wins."""
@@ -544,6 +589,11 @@ class Catalog:
             if text is not None:
                 self._store_text(txn, record, text, sha256 or "", now)
             txn.execute("DELETE FROM chunks WHERE file_id = ?", (record.file_id,))
+            # The finalizer deletes the file's whole staging folder next, and
+            # a finished file is never staged into again.
+            txn.execute(
+                "DELETE FROM discarded_objects WHERE file_id = ?", (record.file_id,)
+            )
         return True
 
     def _store_text(
@@ -635,23 +685,113 @@ class Catalog:
         )
         return [_record(row) for row in rows]
 
-    def expire(self, older_than: float) -> list[str]:
-        """Mark files idle since before `older_than` expired; drop their chunks."""
+    def stale_files(self, older_than: float) -> list[str]:
+        """Files idle in receiving since before `older_than`."""
+        rows = self.db.query(
+            "SELECT file_id FROM files WHERE state = ? AND updated_at < ?",
+            (RECEIVING, older_than),
+        )
+        return sorted(row[0] for row in rows)
+
+    def expire(
+        self, older_than: float, listed: Mapping[str, Collection[str]] | None = None
+    ) -> list[str]:
+        """Mark files idle since before `older_than` expired; drop their chunks.
+
+        `listed` holds the objects found in each stale file's staging folder
+        (then only those files are considered). They, and the objects the
+        chunks name, are recorded as discarded, for `objects_to_remove`: a
+        packet may start the file over at any moment and stage beside them,
+        so its folder is never deleted as a whole.
+        """
+        now = time.time()
+        candidates = sorted(listed) if listed is not None else None
+        if candidates is None:
+            candidates = self.stale_files(older_than)
+        expired = []
+        with self.db.transaction() as txn:
+            for file_id in candidates:
+                found = listed.get(file_id, ()) if listed is not None else ()
+                if self._expire_file(txn, file_id, older_than, found, now):
+                    expired.append(file_id)
+        return expired
+
+    def _expire_file(
+        self,
+        txn: Transaction,
+        file_id: str,
+        older_than: float,
+        listed: Collection[str],
+        now: float,
+    ) -> bool:
+        # The condition is checked again under the row's lock: a packet
+        # staged since the file was found stale keeps it alive.
+        changed = txn.execute(
+            "UPDATE files SET state = ?, error = ?, updated_at = ?, received = 0, "
+            "received_bytes = 0, expiries = expiries + 1 WHERE file_id = ? AND "
+            "state = ? AND updated_at < ?",
+            (EXPIRED, "incomplete for too long", now, file_id, RECEIVING, older_than),
+        ).rowcount
+        if changed != 1:
+            return False
+        named = txn.execute(
+            "SELECT DISTINCT staged_name FROM chunks WHERE file_id = ? "
+            "AND staged_name IS NOT NULL",
+            (file_id,),
+        ).fetchall()
+        objects = {staged_object(row[0]) for row in named} | set(listed)
+        self._discard(txn, file_id, objects, now)
+        txn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+        return True
+
+    def discard_leftovers(self, file_id: str, listed: Collection[str]) -> bool:
+        """Discard objects found in an expired file's staging folder.
+
+        They were staged after the file expired by a worker that died before
+        recording them, or by one that found them stale. Nothing happens
+        (False) if the file started over meanwhile: they may be its chunks.
+        """
         now = time.time()
         with self.db.transaction() as txn:
-            rows = txn.execute(
-                "SELECT file_id FROM files WHERE state = ? AND updated_at < ?",
-                (RECEIVING, older_than),
-            ).fetchall()
-            expired = [row[0] for row in rows]
-            for file_id in expired:
-                txn.execute(
-                    "UPDATE files SET state = ?, error = ?, updated_at = ?, "
-                    "received = 0, received_bytes = 0 WHERE file_id = ?",
-                    (EXPIRED, "incomplete for too long", now, file_id),
-                )
-                txn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
-        return expired
+            locked = txn.execute(
+                "UPDATE files SET expiries = expiries WHERE file_id = ? AND state = ?",
+                (file_id, EXPIRED),
+            ).rowcount
+            if locked != 1:
+                return False
+            self._discard(txn, file_id, listed, now)
+        return True
+
+    @staticmethod
+    def _discard(
+        txn: Transaction, file_id: str, objects: Collection[str], now: float
+    ) -> None:
+        # An object removed once may have been written again by a worker
+        # still holding the file's old image: it is to be removed again.
+        txn.executemany(
+            "INSERT INTO discarded_objects (file_id, staged_object, discarded_at) "
+            "VALUES (?, ?, ?) ON CONFLICT (file_id, staged_object) "
+            "DO UPDATE SET removed_at = NULL",
+            [(file_id, name, now) for name in sorted(objects)],
+        )
+
+    def objects_to_remove(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """Discarded staged objects not yet removed: (file_id, object name)."""
+        rows = self.db.query(
+            "SELECT file_id, staged_object FROM discarded_objects "
+            "WHERE removed_at IS NULL ORDER BY file_id, staged_object LIMIT ?",
+            (limit,),
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    def mark_removed(self, objects: Sequence[tuple[str, str]]) -> None:
+        now = time.time()
+        with self.db.transaction() as txn:
+            txn.executemany(
+                "UPDATE discarded_objects SET removed_at = ? "
+                "WHERE file_id = ? AND staged_object = ?",
+                [(now, file_id, name) for file_id, name in objects],
+            )
 
     def states(self, file_ids: Sequence[str]) -> dict[str, str]:
         if not file_ids:

@@ -360,6 +360,21 @@ class S3Store:
                         names.append(name)
         return sorted(names)
 
+    def list_names(self, prefix: str) -> list[str]:
+        folder = self._folder(prefix)
+        names = (key.removeprefix(folder) for key in self._keys_under(folder))
+        return sorted(name for name in names if name and "/" not in name)
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        batch: list[ObjectIdentifierTypeDef] = []
+        for key in keys:
+            batch.append({"Key": self.object_key(key)})
+            if len(batch) == DELETE_BATCH:
+                self._delete_batch(self.location.prefix, batch)
+                batch = []
+        if batch:
+            self._delete_batch(self.location.prefix, batch)
+
     def sync(self, keys: Iterable[str]) -> None:
         # S3 acknowledges a write only once it is durable.
         return None

@@ -37,6 +37,7 @@ from datahaul.storage.catalog import (
     StageOutcome,
     StageResult,
     integrity_error,
+    staged_object,
 )
 
 log = structlog.get_logger("datahaul.worker")
@@ -139,11 +140,12 @@ class Assembler:
         self._images: dict[str, FileImage] = {}
         self._sealed: dict[str, FileImage] = {}
 
-    def stage(self, packets: Sequence[Packet]) -> StageResult:
+    def stage(self, packets: Sequence[Packet], *, again: bool = True) -> StageResult:
         """Make packets durable: large payloads to staging, then the catalog.
 
         Returns each packet's outcome, in order, the small text files stored
         on the way, and the files that became complete and need finalizing.
+        Packets the catalog calls stale are staged once `again`, afresh.
         """
         finished = self._finished_files(packets)
         # Packets are known by their index in `packets` from here on: the
@@ -197,7 +199,12 @@ class Assembler:
                 self._images.pop(file_id, None)
             raise
         outcome_of = dict(zip(names, result.outcomes, strict=True))
+        stale = [i for i, outcome in outcome_of.items() if outcome.status == "stale"]
+        if stale:
+            self._drop_stale(packets, stale, names)
         self._follow_images(packets, in_image, outcome_of, result)
+        if stale:
+            self._stage_stale_again(packets, stale, outcome_of, result, again)
         result.outcomes = [
             StageOutcome(p, "duplicate", "file is finished")
             if p.file_id in finished
@@ -205,6 +212,48 @@ class Assembler:
             for i, p in enumerate(packets)
         ]
         return result
+
+    def _drop_stale(
+        self, packets: Sequence[Packet], stale: list[int], names: dict[int, str | None]
+    ) -> None:
+        """Forget the images stale chunks went into, and delete what they wrote.
+
+        The file expired while this worker held its image: the expiry may
+        have removed the image already, or will, so nothing in it counts.
+        """
+        files, keys = set(), set()
+        for index in stale:
+            file_id, name = packets[index].file_id, names[index]
+            self._images.pop(file_id, None)
+            files.add(file_id)
+            if name is not None:
+                keys.add(f"{file_id}/{staged_object(name)}")
+        self.staging.delete_keys(sorted(keys))
+        log.info(
+            "file.stale_chunks_restaged",
+            file_ids=sorted(files),
+            packets=len(stale),
+            objects=len(keys),
+        )
+
+    def _stage_stale_again(
+        self,
+        packets: Sequence[Packet],
+        stale: list[int],
+        outcome_of: dict[int, StageOutcome],
+        result: StageResult,
+        again: bool,
+    ) -> None:
+        if not again:
+            # New objects have new names, which no expiry can have discarded.
+            raise StorageError(
+                f"chunks of {packets[stale[0]].file_id} were staged twice into "
+                "objects its expiry discarded; the batch will be tried again"
+            )
+        retried = self.stage([packets[i] for i in stale], again=False)
+        outcome_of.update(zip(stale, retried.outcomes, strict=True))
+        result.complete |= retried.complete
+        result.finished.extend(retried.finished)
 
     def _image_for(self, packet: Packet) -> FileImage | None:
         """The file's image in this worker, begun by its first large chunk.
@@ -497,19 +546,46 @@ class Assembler:
     def close(self) -> None:
         self._hash_pool.shutdown(wait=True)
 
+    def expire(self, older_than: float) -> list[str]:
+        """Expire files idle since before `older_than`; remove their staging.
+
+        The staging folder is listed before the catalog decides, so that
+        whatever a packet stages after the file starts over is not in it.
+        """
+        listed = {
+            file_id: self.staging.list_names(file_id)
+            for file_id in self.catalog.stale_files(older_than)
+        }
+        expired = self.catalog.expire(older_than, listed)
+        for file_id in expired:
+            self._images.pop(file_id, None)
+        self.remove_discarded()
+        return expired
+
+    def remove_discarded(self) -> None:
+        """Remove the staged objects that expiries discarded."""
+        while objects := self.catalog.objects_to_remove():
+            self.staging.delete_keys(f"{file_id}/{name}" for file_id, name in objects)
+            self.catalog.mark_removed(objects)
+
     def sweep_staging(self) -> None:
         """Remove staged chunks of files that no longer need them.
 
         They are left behind by a worker that died between recording a file's
         end and deleting its chunks, or by a duplicate staged while the file
-        was being finalized.
+        was being finalized. An expired file's folder is not deleted whole:
+        the file may start over at any moment.
         """
         folders = self.staging.list_prefixes("")
         for start in range(0, len(folders), 500):
             group = folders[start : start + 500]
             for file_id, state in self.catalog.states(group).items():
-                if state not in (RECEIVING, ASSEMBLING):
+                if state == EXPIRED:
+                    listed = self.staging.list_names(file_id)
+                    self.catalog.discard_leftovers(file_id, listed)
+                elif state not in (RECEIVING, ASSEMBLING):
                     self.staging.delete_prefix(file_id)
+        self.remove_discarded()
 
     def _discard_blob(self, record: FileRecord) -> None:
         if record.type != "text":

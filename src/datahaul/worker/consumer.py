@@ -443,13 +443,10 @@ class Worker:
             self.schedule_finalize(file_id)
 
         expired = await loop.run_in_executor(
-            self._stage_pool, self.catalog.expire, now - self.settings.expire_after
+            self._stage_pool, self.assembler.expire, now - self.settings.expire_after
         )
         metrics.WORKER.files_expired.inc(len(expired))
         for file_id in expired:
-            await loop.run_in_executor(
-                self._stage_pool, self.assembler.staging.delete_prefix, file_id
-            )
             log.warning("file.expired", file_id=file_id)
 
         unsent = await loop.run_in_executor(
