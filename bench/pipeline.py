@@ -187,6 +187,9 @@ async def one_transfer(context: RunContext, chunk: int) -> list[Figure]:
     # Two stored copies of a 4 GiB source per chunk size would fill /tmp.
     shutil.rmtree(data_dir, ignore_errors=True)
     figures = transfer_figures(options.queue_type, chunk, source, run, startup, checked)
+    context.note_cpu(
+        f"pipeline/{options.queue_type}/{chunk}", run.meter.used, source.size
+    )
     return [
         *figures,
         *disk_figures(context, options.queue_type, chunk, source, run),

@@ -318,6 +318,9 @@ async def bare_large(context: RunContext) -> list[Figure]:
                 broker=broker,
             )
             figures.append(large_figure("bare", options.queue_type, chunk, run))
+            context.note_cpu(
+                f"bare/{options.queue_type}/{chunk}", run.meter.used, run.payload_bytes
+            )
             figures.append(
                 payload_per_cpu_second(
                     "bare", options.queue_type, chunk, run.payload_bytes, run.meter

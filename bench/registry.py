@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from bench.units import KiB, MiB, size_name
+from bench.units import GiB, KiB, MiB, size_name
 from datahaul.errors import DatahaulError
 
 log = structlog.get_logger("datahaul.bench")
@@ -78,6 +78,8 @@ class RunContext:
     figures: list[Figure] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)
     loads: dict[str, float] = field(default_factory=dict)
+    # CPU seconds per GiB moved, by run ("bare/quorum/262144") and process.
+    cpu_per_gib: dict[str, dict[str, float]] = field(default_factory=dict)
     _source: SourceFile | None = None
 
     def source(self) -> SourceFile:
@@ -90,6 +92,12 @@ class RunContext:
 
     def figure(self, key: str) -> Figure | None:
         return next((f for f in self.figures if f.key == key), None)
+
+    def note_cpu(self, run: str, used: dict[str, float], payload_bytes: int) -> None:
+        """Keep a run's CPU per process for parts that come after it."""
+        self.cpu_per_gib[run] = {
+            name: seconds * GiB / payload_bytes for name, seconds in used.items()
+        }
 
 
 Benchmark = Callable[[RunContext], Awaitable[list[Figure]]]

@@ -34,11 +34,14 @@ RATIO_TARGETS: list[tuple[str, str, float]] = [
     ),
 ]
 # Not targets: a figure set beside the rate of a shared resource (the disk),
-# or beside the bare client's own figure (payload per CPU second), to show
+# beside the bare client's own figure (payload per CPU second), or beside the
+# rate the pipeline's least possible work allows (bench/floor.py), to show
 # what bounds the run.
 BOUND_RATIOS: list[tuple[str, str]] = [
     (r"^disk/pipeline/\w+/\d+$", "disk/write"),
     (r"^cpu/pipeline/(?P<queue>\w+)/(?P<size>\d+)$", "cpu/bare/{queue}/{size}"),
+    (r"^floor/video/(?P<queue>\w+)/(?P<size>\d+)$", "bare/{queue}/{size}"),
+    (r"^pipeline/video/(?P<queue>\w+)/(?P<size>\d+)$", "floor/video/{queue}/{size}"),
 ]
 # A figure that must stay under a limit, in the figure's own unit.
 LIMIT_TARGETS: list[tuple[str, float, str]] = [

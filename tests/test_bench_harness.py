@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -98,6 +99,16 @@ def test_a_pipeline_figure_is_held_against_the_ceiling_of_its_own_size() -> None
             0.25,
             id="cpu per byte beside the bare client's of the same size",
         ),
+        pytest.param(
+            [
+                Figure("bare/quorum/1048576", "bare 1M", 250.0, "MB/s"),
+                Figure("floor/video/quorum/262144", "floor 256K", 900.0, "MB/s"),
+                Figure("floor/video/quorum/1048576", "floor 1M", 200.0, "MB/s"),
+            ],
+            "bare/quorum/1048576",
+            0.8,
+            id="the floor's rate beside the bare client's of the same size",
+        ),
     ],
 )
 def test_a_bound_is_set_beside_its_ceiling_without_a_target(
@@ -170,22 +181,48 @@ async def test_the_bare_client_moves_every_message_and_removes_its_vhost() -> No
 
 
 def test_the_command_runs_the_ceilings_and_saves_figures(tmp_path: Path) -> None:
-    """`python -m bench` on tiny sizes measures RabbitMQ and NATS and saves JSON."""
+    """`python -m bench` on tiny sizes measures RabbitMQ, NATS and the floor
+    and saves JSON; the floor's rate follows from its own figures."""
     saved = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--parts", "bare,bare-1k,nats",
+        [sys.executable, "-m", "bench", "--parts", "bare,bare-1k,nats,floor",
          "--size", "2M", "--chunk-sizes", "256K", "--small-count", "500",
          "--json", str(saved), "--work-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
-    keys = {figure["key"] for figure in json.loads(saved.read_text())["figures"]}
-    assert keys == {
+    figures = {f["key"]: f for f in json.loads(saved.read_text())["figures"]}
+    assert set(figures) == {
         "bare/quorum/262144", "cpu/bare/quorum/262144", "bare/quorum/1024",
         "nats/put", "nats/get", "nats/putget",
+        "floor/extra", "floor/video/quorum/262144",
     }  # fmt: skip
     assert list(tmp_path.iterdir()) == [saved]
+
+    extra = figures["floor/extra"]["value"]
+    assert extra > 0
+    assert "one more TCP hop" in figures["floor/extra"]["detail"]
+    # With no pipeline in the run, the broker's share is the bare client's:
+    # the floor is the bare client's CPU per GiB plus the extra.
+    floor = figures["floor/video/quorum/262144"]
+    bare_per_gib = 2**30 / 1e6 / figures["cpu/bare/quorum/262144"]["value"]
+    cores = os.cpu_count() or 1
+    assert floor["value"] == pytest.approx(cores / (bare_per_gib + extra) * 2**30 / 1e6)
+    assert "under the bare client)" in floor["detail"]
+
+
+def test_the_floor_without_the_bare_client_says_which_part_to_add(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "floor", "--size", "2M",
+         "--chunk-sizes", "256K", "--work-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    assert done.returncode != 0
+    assert "add bare to --parts" in done.stderr + done.stdout
 
 
 def test_an_unknown_part_is_refused_with_the_choices() -> None:
