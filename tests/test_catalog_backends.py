@@ -366,6 +366,23 @@ def test_leftovers_are_discarded_only_while_the_file_stays_expired(
     assert ("gone", "00000002-x") not in catalog.objects_to_remove()
 
 
+def stage_in_a_thread(
+    catalog: Catalog, chunk: Packet, staged_object: str
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """Stage one chunk, named into `staged_object`, in a thread of its own;
+    the result lands in the dict under "result"."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["result"] = catalog.stage(
+            staged_as((chunk, f"{staged_object}@0")), INLINE_LIMIT
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def test_staging_waits_for_an_expiry_in_progress_and_sees_it(
     catalog: Catalog, catalog_url: str
 ) -> None:
@@ -388,15 +405,8 @@ def test_staging_waits_for_an_expiry_in_progress_and_sees_it(
     expiring = threading.Thread(target=expire_slowly)
     expiring.start()
     assert holding.wait(timeout=10)
-    staging: dict[str, Any] = {}
-
-    def stage_meanwhile() -> None:
-        staging["result"] = catalog.stage(
-            staged_as((packet("raced", 2, 3, BIG), "image-r@65")), INLINE_LIMIT
-        )
-
-    stager = threading.Thread(target=stage_meanwhile)
-    stager.start()
+    late = packet("raced", 2, 3, BIG)
+    stager, staging = stage_in_a_thread(catalog, late, "image-r")
     stager.join(timeout=0.5)
     assert stager.is_alive(), "staging did not wait for the expiry's lock"
     release.set()
@@ -427,15 +437,8 @@ def test_an_expiry_waits_for_a_batch_that_read_its_file_and_spares_it(
         return record_chunk(*args)
 
     monkeypatch.setattr(catalog, "_stage_chunk", record_after_a_pause)
-    staging: dict[str, Any] = {}
-
-    def stage_slowly() -> None:
-        staging["result"] = catalog.stage(
-            staged_as((packet("raced", 2, 3, BIG), "segment-s@0")), INLINE_LIMIT
-        )
-
-    stager = threading.Thread(target=stage_slowly)
-    stager.start()
+    late = packet("raced", 2, 3, BIG)
+    stager, staging = stage_in_a_thread(catalog, late, "segment-s")
     assert reading.wait(timeout=10)
     expired: list[list[str]] = []
 
