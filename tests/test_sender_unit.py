@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from datahaul.cli import send as send_command
 from datahaul.errors import ConfigError
+from datahaul.protocol import wire
 from datahaul.protocol.packet import Packet, check, xxh128_of
 from datahaul.sender import (
     GatewayUnavailable,
@@ -42,7 +43,14 @@ from datahaul.sender.chunking import (
     seqs_in_ranges,
     sha256_of,
 )
-from datahaul.sender.client import _FileSend, _header_name, _query_fields, _raw_fields
+from datahaul.sender.client import (
+    LARGE_RUN_BYTES,
+    SLOT_BYTES,
+    _FileSend,
+    _header_name,
+    _query_fields,
+    _raw_fields,
+)
 from datahaul.sender.errors import FileChanged
 from datahaul.sender.retry import Outcome, classify, parse_retry_after
 
@@ -591,3 +599,49 @@ async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
     assert set(posted) == {results[1].file_id}
     assert sorted(put) == list(range(1, 8))
     assert sent_video.packets_sent == 7
+
+
+@pytest.mark.parametrize(("chunk", "per_run"), [("256K", 8), ("1M", 2)])
+async def test_large_chunks_go_in_runs_and_runs_in_flight_are_bounded_in_bytes(
+    tmp_path: Path, chunk: str, per_run: int
+) -> None:
+    """Consecutive large chunks travel up to LARGE_RUN_BYTES a request, and
+    no more than concurrency x SLOT_BYTES of them are in flight at once."""
+    video = tmp_path / "drive.mp4"
+    video.write_bytes(random.Random(9).randbytes(24 * 1024 * 1024))
+    runs: list[int] = []
+    in_flight = {"now": 0, "most": 0}
+
+    async def post_chunks(request: web.Request) -> web.Response:
+        in_flight["now"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        try:
+            frames = wire.decode_frames(await request.read())
+            runs.append(len(frames))
+            await asyncio.sleep(0.02)
+            return web.json_response({"accepted": len(frames), "buffered": 0})
+        finally:
+            in_flight["now"] -= 1
+
+    async def not_known(request: web.Request) -> web.Response:
+        return web.json_response({"error": "NotFound"}, status=404)
+
+    gateway = web.Application(client_max_size=4 * LARGE_RUN_BYTES)
+    gateway.router.add_post("/v1/files/status", not_known)
+    gateway.router.add_get("/v1/files/{file_id}", not_known)
+    gateway.router.add_post("/v1/chunks", post_chunks)
+    runner = web.AppRunner(gateway)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with Sender(f"http://127.0.0.1:{port}", concurrency=8) as sender:
+            sent = await sender.send_file(video, chunk_size=chunk)
+    finally:
+        await runner.cleanup()
+
+    assert sent.status == "sent"
+    assert runs == [per_run] * (sum(runs) // per_run)
+    assert LARGE_RUN_BYTES == 2 * SLOT_BYTES
+    assert in_flight["most"] == 8 * SLOT_BYTES // LARGE_RUN_BYTES

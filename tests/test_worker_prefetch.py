@@ -30,7 +30,7 @@ def test_large_data_queues_get_the_smaller_prefetch(
     worker_factory, broker_vhost: str
 ) -> None:
     """Text consumers may hold DATAHAUL_PREFETCH messages; image and video
-    ones, whose messages are up to a MiB each, DATAHAUL_LARGE_PREFETCH."""
+    ones, whose messages are up to 2 MiB each, DATAHAUL_LARGE_PREFETCH."""
     limits = {"DATAHAUL_PREFETCH": "24", "DATAHAUL_LARGE_PREFETCH": "6"}
     worker_factory("all", env=limits)
 

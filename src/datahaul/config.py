@@ -40,7 +40,7 @@ class Settings:
     outbox_quota_bytes: int = 2048 * MiB
     ledger_files: int = 10_000
     prefetch: int = 32
-    large_prefetch: int = 16
+    large_prefetch: int = 8
     batch_packets: int = 256
     lease_seconds: float = 30.0
     expire_after: float = 24 * 3600.0

@@ -7,7 +7,7 @@ A file is read twice and never held whole: once to compute its SHA-256 (which
 also gives its default id), then chunk by chunk as packets leave. The gateway
 is asked first what it already has, so a re-send moves only what is missing.
 Large chunks travel raw, consecutive ones of a file framed together up to
-1 MiB a request (POST /v1/chunks); small ones are gathered, across files,
+2 MiB a request (POST /v1/chunks); small ones are gathered, across files,
 into JSON batches.
 """
 
@@ -51,6 +51,7 @@ from datahaul.sender.chunking import (
     ChunkSource,
     FileSource,
     KiB,
+    MiB,
     check_file_id,
     check_type,
     file_id_from_sha256,
@@ -180,8 +181,13 @@ THREADED_READ_BYTES = 64 * 1024
 RUN_BYTES = THREADED_READ_BYTES
 # Consecutive large chunks of a file travel together up to this many bytes:
 # one request to the gateway and one message to the broker instead of one
-# each, which is most of what a 256 KiB chunk costs them.
-LARGE_RUN_BYTES = 1024 * 1024
+# each, which is most of what a 256 KiB chunk costs them. Two 1 MiB chunks
+# a run instead of one took a 1 GiB video from 160 to 172 MB/s here.
+LARGE_RUN_BYTES = 2 * MiB
+# What one request in flight may hold on average: runs larger than this
+# count as LARGE_RUN_BYTES / SLOT_BYTES requests, so that the gateway holds
+# about as much as with one MiB a request.
+SLOT_BYTES = 1 * MiB
 
 
 class _Refused(Exception):
@@ -213,9 +219,10 @@ class Sender:
     """Sends files to one gateway over a pool of keep-alive connections.
 
     `concurrency` bounds the requests in flight (a batch of small packets, or
-    a run of large chunks up to LARGE_RUN_BYTES, is one request); with it,
-    memory stays near concurrency x the larger of the chunk size and
-    LARGE_RUN_BYTES, however large the files are. `progress`, if set, hears
+    a run of large chunks up to LARGE_RUN_BYTES, is one request), and runs
+    of more than SLOT_BYTES to a share of it; with it, memory stays near
+    concurrency x the larger of the chunk size and SLOT_BYTES, however large
+    the files are. `progress`, if set, hears
     of every step of every file. `known_sha256`, if set, is asked for a
     file's SHA-256 before the Sender reads the file to work it out.
     """
@@ -257,6 +264,9 @@ class Sender:
         self._troubled = False
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(concurrency)
+        self._large_runs = asyncio.Semaphore(
+            max(1, concurrency * SLOT_BYTES // LARGE_RUN_BYTES)
+        )
         self._batcher: Batcher | None = None
         self._questions: StatusQuestions | None = None
         self._dispatchers: list[asyncio.Task[None]] = []
@@ -675,18 +685,33 @@ class Sender:
     ) -> None:
         if not seqs:
             return
-        await self._slots.acquire()
+        ranges = [(state.plan.offset(seq), state.plan.length(seq)) for seq in seqs]
+        large = sum(length for _, length in ranges) > SLOT_BYTES
+        # Always in this order, and no slot holder waits for a run's turn,
+        # so the two bounds cannot wait on each other.
+        if large:
+            await self._large_runs.acquire()
         try:
-            ranges = [(state.plan.offset(seq), state.plan.length(seq)) for seq in seqs]
+            await self._slots.acquire()
+        except BaseException:
+            if large:
+                self._large_runs.release()
+            raise
+        try:
             read = await asyncio.to_thread(_read_and_hash_ranges, source, ranges)
         except BaseException:
-            self._slots.release()
+            self._release_put(large)
             raise
         packets = [
             state.packet(seq, data, digest)
             for seq, (data, digest) in zip(seqs, read, strict=True)
         ]
-        group.create_task(self._put(state, packets))
+        group.create_task(self._put(state, packets, large))
+
+    def _release_put(self, large: bool) -> None:
+        self._slots.release()
+        if large:
+            self._large_runs.release()
 
     def _goes_raw(self, state: _FileSend, seq: int) -> bool:
         return bool(state.raw_fields) and state.plan.length(seq) > self._inline_limit
@@ -704,7 +729,7 @@ class Sender:
             )
         return state.packet(seq, data, digest)
 
-    async def _put(self, state: _FileSend, packets: list[Packet]) -> None:
+    async def _put(self, state: _FileSend, packets: list[Packet], large: bool) -> None:
         try:
             if len(packets) == 1 or self._chunks_one_by_one:
                 for packet in packets:
@@ -712,7 +737,7 @@ class Sender:
             else:
                 await self._post_chunks(state, packets)
         finally:
-            self._slots.release()
+            self._release_put(large)
 
     async def _post_chunks(self, state: _FileSend, packets: list[Packet]) -> None:
         try:
