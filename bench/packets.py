@@ -49,7 +49,7 @@ from bench.registry import (
 )
 from bench.units import MB, flag_name, size_name
 from datahaul.broker.topology import queue_for
-from datahaul.sender import file_id_from_sha256
+from datahaul.sender import default_file_id
 
 TEXT_STORED_KEY = "file.stored.text"
 
@@ -72,7 +72,7 @@ def write_text_files(directory: Path, count: int, size: int) -> list[TextFile]:
         sha256 = hashlib.sha256(text).hexdigest()
         path = directory / f"log-{index:06d}.txt"
         path.write_bytes(text)
-        files.append(TextFile(path, file_id_from_sha256(sha256), sha256, size))
+        files.append(TextFile(path, default_file_id(text), sha256, size))
     return files
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import xxhash
 
 from datahaul.config import Settings
 from datahaul.protocol.packet import Packet
@@ -119,6 +120,34 @@ def test_a_file_staged_once_in_order_is_stored_by_linking_its_image(
     assert blob.stat().st_ino == inode
     assert not segment.exists()  # staging is cleared; the blob keeps the bytes
     assert [p.name for p in blob.parent.iterdir()] == ["run.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("field", "last_names", "state"),
+    [
+        ("file_sha256", hashlib.sha256(CONTENT).hexdigest(), "stored"),
+        ("file_sha256", "00" * 32, "failed"),
+        ("file_xxh128", xxhash.xxh3_128_hexdigest(CONTENT), "stored"),
+        ("file_xxh128", "00" * 16, "failed"),
+    ],
+)
+def test_a_digest_named_only_by_the_last_packet_is_what_the_file_is_checked_against(
+    settings: Settings, catalog: Catalog, field: str, last_names: str, state: str
+) -> None:
+    """A sender may name the file's SHA-256 or XXH128 only on its last
+    packet; the assembled file is checked against it all the same."""
+    packets = [msgspec.structs.replace(p, file_sha256=None) for p in chunks()]
+    packets[-1] = msgspec.structs.replace(packets[-1], **{field: last_names})
+    assembler = worker(settings, catalog)
+    assembler.stage(packets[-1:])
+    assembler.stage(packets[:-1])
+
+    assert finalize(assembler) == state
+    record = catalog.get("video-1")
+    assert record is not None
+    assert getattr(record, field.replace("file_", "expected_")) == last_names
+    if state == "failed":
+        assert "differs from the sender's" in (record.error or "")
 
 
 def test_a_worker_that_did_not_stage_the_file_links_it_after_reading_it_through(

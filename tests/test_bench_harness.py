@@ -35,7 +35,7 @@ from bench.report import (  # noqa: E402
 from bench.units import flag_name, parse_size, size_name  # noqa: E402
 
 from datahaul.errors import ConfigError  # noqa: E402
-from datahaul.sender import file_id_from_sha256  # noqa: E402
+from datahaul.sender import default_file_id  # noqa: E402
 
 
 def test_sizes_are_read_as_people_write_them() -> None:
@@ -388,7 +388,7 @@ def test_text_files_are_distinct_and_named_by_their_content(tmp_path: Path) -> N
         data = item.path.read_bytes()
         assert len(data) == item.size == 3000
         assert data.isascii()
-        assert item.file_id == file_id_from_sha256(item.sha256)
+        assert item.file_id == default_file_id(data)
 
 
 def test_another_doc_section_goes_after_the_main_one_and_is_replaced(

@@ -173,6 +173,52 @@ def test_conflicting_packets_are_refused(catalog: Catalog) -> None:
     assert catalog.received_seqs("f") == [1]
 
 
+DIGESTS = pytest.mark.parametrize(
+    ("field", "digits"), [("file_sha256", 64), ("file_xxh128", 32)]
+)
+
+
+@DIGESTS
+def test_a_file_digest_may_come_with_a_later_packet(
+    catalog: Catalog, field: str, digits: int
+) -> None:
+    """Packets that name no whole-file digest leave the file's expected one
+    open; the first packet that names one sets it, whatever batch it is in."""
+    digest = "ab" * (digits // 2)
+    stage(catalog, packet("f", 1, 3), packet("f", 2, 3))
+    record = catalog.get("f")
+    assert record is not None
+    assert getattr(record, field.replace("file_", "expected_")) is None
+
+    outcomes, complete = stage(catalog, packet("f", 3, 3, **{field: digest}))
+
+    assert (outcomes, complete) == ([(3, "staged")], {"f"})
+    record = catalog.get("f")
+    assert record is not None
+    assert getattr(record, field.replace("file_", "expected_")) == digest
+
+
+@DIGESTS
+def test_a_packet_naming_another_file_digest_is_refused(
+    catalog: Catalog, field: str, digits: int
+) -> None:
+    """Once a file's digest is known, a packet that names another one is a
+    conflict, in the same batch or a later one; one that names none is not."""
+    first, other = "ab" * (digits // 2), "cd" * (digits // 2)
+    outcomes, _ = stage(
+        catalog,
+        packet("f", 1, 4, **{field: first}),
+        packet("f", 2, 4, **{field: other}),
+    )
+    assert outcomes == [(1, "staged"), (2, "conflict")]
+
+    outcomes, _ = stage(catalog, packet("f", 2, 4), packet("f", 3, 4, **{field: other}))
+    assert outcomes == [(2, "staged"), (3, "conflict")]
+    record = catalog.get("f")
+    assert record is not None
+    assert getattr(record, field.replace("file_", "expected_")) == first
+
+
 def test_paging_through_chunks_keeps_order(catalog: Catalog) -> None:
     """A file of more chunks than a page is read back complete and in order."""
     stage_whole(catalog, "long", total=150)
@@ -465,7 +511,8 @@ def test_an_expiry_waits_for_a_batch_that_read_its_file_and_spares_it(
 def test_a_catalog_of_the_first_schema_is_migrated_with_its_files(
     catalog_url: str,
 ) -> None:
-    """Migration 2 adds the expiry's bookkeeping to a catalog in use."""
+    """Migrations 2 and 3 add the expiry's bookkeeping and the XXH128 to a
+    catalog in use; its files keep working."""
     database = open_database(catalog_url)
     try:
         with database.transaction() as txn:
@@ -492,9 +539,13 @@ def test_a_catalog_of_the_first_schema_is_migrated_with_its_files(
     try:
         assert catalog.migrate() == []
         versions = catalog.db.query("SELECT version FROM schema_migrations")
-        assert sorted(row[0] for row in versions) == [1, 2]
+        assert sorted(row[0] for row in versions) == [1, 2, 3]
         assert catalog.expire(time.time()) == ["old"]
         assert stage(catalog, packet("old", 1, 2)) == ([(1, "staged")], set())
+        stage(catalog, packet("old", 2, 2, file_xxh128="ab" * 16))
+        record = catalog.get("old")
+        assert record is not None
+        assert record.expected_xxh128 == "ab" * 16
     finally:
         catalog.close()
 

@@ -80,6 +80,15 @@ async def _outbox_empty(url: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
+def _sent(results: list[SendResult]) -> list[tuple[str, str]]:
+    """Each sent file's id and the SHA-256 of its source on disk: the truth
+    the stored copy is judged against, not what the sender said."""
+    return [
+        (r.file_id, hashlib.sha256(Path(r.source).read_bytes()).hexdigest())
+        for r in results
+    ]
+
+
 async def _all_stored_once(
     env: dict[str, str],
     data_dir: Path,
@@ -122,9 +131,7 @@ async def test_broker_stopped_mid_transfer_while_sending_goes_on(
         _, health = await asyncio.to_thread(call, f"{url}/healthz")
         assert health["broker"] == "down"
         assert health["outbox"]["packets"] > 0
-    await _all_stored_once(
-        datahaul_env, data_dir, [(r.file_id, r.sha256) for r in results]
-    )
+    await _all_stored_once(datahaul_env, data_dir, _sent(results))
 
 
 async def test_worker_killed_in_the_middle_of_a_file(
@@ -224,9 +231,7 @@ async def test_gateway_killed_with_a_full_outbox_then_restarted(
     gateway.kill9()
     fault_proxy.pass_through()
     gateway.restart()
-    await _all_stored_once(
-        datahaul_env, data_dir, [(r.file_id, r.sha256) for r in results]
-    )
+    await _all_stored_once(datahaul_env, data_dir, _sent(results))
 
 
 @pytest.mark.parametrize("fault", ["stall", "cut"])
@@ -255,9 +260,7 @@ async def test_broker_connection_stalled_or_cut_through_the_proxy(
         fault_proxy.cut()
     fault_proxy.pass_through()
     results = await sending
-    await _all_stored_once(
-        datahaul_env, data_dir, [(r.file_id, r.sha256) for r in results]
-    )
+    await _all_stored_once(datahaul_env, data_dir, _sent(results))
 
 
 async def test_poison_packets_go_to_the_dead_letter_queue_and_others_flow(

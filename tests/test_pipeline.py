@@ -11,6 +11,7 @@ import random
 
 import aio_pika
 import pytest
+import xxhash
 
 from datahaul.sender import Sender
 from pipeline_helpers import (
@@ -180,25 +181,31 @@ async def test_design_note_json_published_straight_to_a_queue(
 async def test_a_200_mb_video_is_byte_identical_after_the_trip(
     gateway_url, gateway, worker_factory, datahaul_env, tmp_path
 ):
-    """A 210 MB video sent with the sender comes out byte-identical."""
+    """A 210 MB video sent with the sender, asked for its SHA-256 too, comes
+    out byte-identical and checked against both digests."""
     worker_factory("video")
     path = tmp_path / "drive.mp4"
-    digest = hashlib.sha256()
+    digest, xxh128 = hashlib.sha256(), xxhash.xxh3_128()
     with open(path, "wb") as handle:
         for _ in range(210):
             block = os.urandom(1024 * 1024)
             digest.update(block)
+            xxh128.update(block)
             handle.write(block)
 
-    async with Sender(gateway_url, concurrency=8) as sender:
+    async with Sender(gateway_url, concurrency=8, sha256=True) as sender:
         result = await sender.send_file(path, chunk_size="1M")
     assert result.type == "video"
-    assert result.sha256 == digest.hexdigest()
+    assert (result.sha256, result.xxh128) == (digest.hexdigest(), xxh128.hexdigest())
 
     catalog_url = datahaul_env["DATAHAUL_CATALOG_URL"]
     records = await asyncio.to_thread(wait_stored, catalog_url, [result.file_id], 180.0)
     record = records[result.file_id]
     assert record.sha256 == digest.hexdigest()
+    assert (record.expected_sha256, record.expected_xxh128) == (
+        digest.hexdigest(),
+        xxh128.hexdigest(),
+    )
     assert record.size == 210 * 1024 * 1024
     stored = record.location.removeprefix("file://")
     check = hashlib.sha256()

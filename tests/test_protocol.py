@@ -131,6 +131,8 @@ def test_rule_breaking_packets_are_refused_naming_the_field(changes, field):
     ("bad", "field", "reason"),
     [
         ({"file_sha256": "F" * 64}, "file_sha256", "lowercase"),
+        ({"file_xxh128": "0" * 31}, "file_xxh128", "32 lowercase"),
+        ({"file_xxh128": "G" * 32}, "file_xxh128", "32 lowercase"),
         ({"chunk_sha256": "abc"}, "chunk_sha256", "lowercase"),
         ({"chunk_sha256": "0" * 64}, "chunk_sha256", "does not match"),
         ({"chunk_xxh128": "A" * 32}, "chunk_xxh128", "32 lowercase"),
@@ -203,7 +205,14 @@ def test_single_and_bundle_messages_round_trip():
     packets = [
         _packet(seq=i, data=bytes([i]) * 100, metadata={"i": i}) for i in range(1, 6)
     ]
-    packets.append(_packet(seq=6, data=b"v" * settings.bundle_bytes))
+    packets.append(
+        _packet(
+            seq=6,
+            data=b"v" * settings.bundle_bytes,
+            file_xxh128="ab" * 16,
+            file_sha256="cd" * 32,
+        )
+    )
     messages = plan_messages(packets, settings)
 
     assert [m.content_type for m in messages] == [

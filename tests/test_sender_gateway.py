@@ -28,6 +28,7 @@ from datahaul.sender import (
     RetryPolicy,
     Sender,
     SendResult,
+    default_file_id,
 )
 from pipeline_helpers import post_packets
 
@@ -234,7 +235,7 @@ async def test_a_resend_moves_only_what_the_gateway_lacks(
         with pytest.raises(asyncio.CancelledError):
             await interrupted
 
-    file_id = hashlib.sha256(video.read_bytes()).hexdigest()[:32]
+    file_id = default_file_id(video.read_bytes())
     status = _file_status(gateway, file_id)
     assert status is not None
     received = status["received"]
@@ -269,7 +270,7 @@ async def test_many_files_resume_from_shared_status_questions(
     head = [
         {
             "type": "text",
-            "file_id": hashlib.sha256(partial).hexdigest()[:32],
+            "file_id": default_file_id(partial),
             "seq": seq,
             "total_seq": total_seq,
             "data": base64.b64encode(partial[(seq - 1) * 4096 : seq * 4096]).decode(),
@@ -339,7 +340,7 @@ def test_the_command_prints_ids_and_resumes(
     assert first.returncode == 0, first.stderr
     rows = json.loads(first.stdout)
     assert [row["file_id"] for row in rows] == [
-        hashlib.sha256(path.read_bytes()).hexdigest()[:32] for path in (video, text)
+        default_file_id(path.read_bytes()) for path in (video, text)
     ]
     assert [row["packets_sent"] for row in rows] == [3, 1]
     assert second.returncode == 0, second.stderr
@@ -352,13 +353,14 @@ def test_the_command_takes_a_large_file_s_id_from_its_early_hash(
     start: StartProcess, env: dict[str, str], tmp_path: Path
 ) -> None:
     """A file of EARLY_BYTES or more is hashed while `datahaul send` loads;
-    the id it prints is still the first 32 hex digits of its SHA-256."""
+    the id it prints is its content's XXH128 and, with --sha256, the SHA-256
+    it prints the file's."""
     gateway = start("gateway")
     video = _write(tmp_path / "drive.mp4", EARLY_BYTES + 1000, 8)
     command = [str(DATAHAUL), "-v", "send", str(video), "--gateway", gateway]
 
     sent = subprocess.run(
-        [*command, "--json", "--chunk-size", "4M"],
+        [*command, "--json", "--chunk-size", "4M", "--sha256"],
         env=env,
         capture_output=True,
         text=True,
@@ -366,7 +368,9 @@ def test_the_command_takes_a_large_file_s_id_from_its_early_hash(
 
     assert sent.returncode == 0, sent.stderr
     [row] = json.loads(sent.stdout)
-    assert row["file_id"] == hashlib.sha256(video.read_bytes()).hexdigest()[:32]
+    content = video.read_bytes()
+    assert row["file_id"] == default_file_id(content)
+    assert row["sha256"] == hashlib.sha256(content).hexdigest()
     assert "file.hash_known" in sent.stderr
 
 

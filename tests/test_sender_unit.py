@@ -10,13 +10,16 @@ import socket
 import subprocess
 import sys
 import tracemalloc
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 import typer
+import xxhash
 from aiohttp import web
 from typer.testing import CliRunner
 
@@ -37,9 +40,11 @@ from datahaul.sender.chunking import (
     BytesSource,
     ChunkPlan,
     FileSource,
+    PendingSha256,
     check_file_id,
     check_type,
-    file_id_from_sha256,
+    content_id,
+    default_file_id,
     seqs_in_ranges,
     sha256_of,
 )
@@ -49,7 +54,6 @@ from datahaul.sender.client import (
     _FileSend,
     _header_name,
     _query_fields,
-    _raw_fields,
 )
 from datahaul.sender.errors import FileChanged
 from datahaul.sender.retry import Outcome, classify, parse_retry_after
@@ -137,11 +141,15 @@ def test_check_type_and_file_id_refuse_what_the_protocol_refuses() -> None:
             check_file_id(bad)
 
 
-def test_default_file_id_is_the_start_of_the_sha256() -> None:
-    """The default id is the first 32 hex digits of the content's SHA-256."""
-    sha = hashlib.sha256(b"same content").hexdigest()
-    assert file_id_from_sha256(sha) == sha[:32]
-    assert check_file_id(file_id_from_sha256(sha))
+def test_default_file_id_is_the_xxh128_of_the_content() -> None:
+    """The default id is the content's XXH128, 32 hex digits, however the
+    content is read."""
+    content = random.Random(3).randbytes(3 * 1024 * 1024 + 5)
+    expected = xxhash.xxh3_128_hexdigest(content)
+    assert default_file_id(content) == expected
+    assert content_id(BytesSource(content)) == expected
+    assert check_file_id(expected)
+    assert len(expected) == 32
 
 
 @pytest.mark.parametrize(
@@ -214,20 +222,21 @@ def test_a_file_written_to_while_sent_is_noticed(tmp_path: Path) -> None:
 
 
 def test_packets_carry_checksums_the_gateway_accepts() -> None:
-    """Each packet has its chunk's XXH128 and the file's SHA-256, and passes the
-    check."""
+    """Each packet has its chunk's XXH128 and the file's XXH128 and SHA-256,
+    and passes the check."""
     data = b"0123456789" * 50
     source = BytesSource(data)
     sha = sha256_of(source)
     state = _FileSend(
         source="t.csv",
-        file_id=file_id_from_sha256(sha),
+        file_id=default_file_id(data),
         file_name="t.csv",
         type="text",
         content_type="text/csv",
         device_id="robot-7",
         metadata={"run": 7},
-        sha256=sha,
+        xxh128=default_file_id(data),
+        sha256=PendingSha256.known_as(sha),
         plan=ChunkPlan(len(data), 64),
     )
     packets = [
@@ -240,6 +249,7 @@ def test_packets_carry_checksums_the_gateway_accepts() -> None:
         check(packet, MAX_CHUNK_SIZE)
         assert packet.chunk_xxh128 == xxh128_of(packet.data)
         assert packet.file_sha256 == hashlib.sha256(data).hexdigest()
+        assert packet.file_xxh128 == xxhash.xxh3_128_hexdigest(data)
         assert packet.total_seq == 8
     assert b"".join(p.data for p in decoded) == data
 
@@ -253,7 +263,8 @@ def _video_send(file_name: str, metadata: dict[str, object] | None) -> _FileSend
         content_type="video/mp4",
         device_id="robot-7",
         metadata=metadata,
-        sha256="0" * 64,
+        xxh128="0" * 32,
+        sha256=None,
         plan=ChunkPlan(10_000_000, 1024 * 1024),
     )
 
@@ -261,7 +272,7 @@ def _video_send(file_name: str, metadata: dict[str, object] | None) -> _FileSend
 def test_raw_put_fields_fit_http_headers() -> None:
     """Fields go in X-Datahaul-* headers; non-ASCII names go in the query instead."""
     plain = _video_send("clip.mp4", {"route": "Straße 7"})
-    fields = _raw_fields(plain)
+    fields = plain.raw_fields
     assert fields["total_seq"] == "10"
     assert fields["metadata"].isascii()
     assert _header_name("chunk_xxh128") == "X-Datahaul-Chunk-Xxh128"
@@ -269,13 +280,13 @@ def test_raw_put_fields_fit_http_headers() -> None:
     assert _query_fields(plain) == {}
 
     accented = _video_send("Ünïcode clip.mp4", None)
-    assert "file_name" not in _raw_fields(accented)
+    assert "file_name" not in accented.raw_fields
     assert _query_fields(accented) == {"file_name": "Ünïcode clip.mp4"}
 
 
 def test_fields_too_large_for_headers_send_the_file_as_json() -> None:
     """Metadata past the header budget sends every packet in a JSON body."""
-    assert _raw_fields(_video_send("clip.mp4", {"notes": "x" * 5000})) == {}
+    assert _video_send("clip.mp4", {"notes": "x" * 5000}).raw_fields == {}
 
 
 def test_missing_ranges_become_the_seqs_to_send() -> None:
@@ -554,7 +565,7 @@ async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
     fresh.write_text("b\n" * 40_000)
     video = tmp_path / "drive.mp4"
     video.write_bytes(random.Random(5).randbytes(700_000))
-    done_id = file_id_from_sha256(hashlib.sha256(done.read_bytes()).hexdigest())
+    done_id = default_file_id(done.read_bytes())
     asked: list[str] = []
     posted: list[str] = []
     put: list[int] = []
@@ -645,3 +656,54 @@ async def test_large_chunks_go_in_runs_and_runs_in_flight_are_bounded_in_bytes(
     assert runs == [per_run] * (sum(runs) // per_run)
     assert LARGE_RUN_BYTES == 2 * SLOT_BYTES
     assert in_flight["most"] == 8 * SLOT_BYTES // LARGE_RUN_BYTES
+
+
+async def test_packets_leave_before_the_sha256_and_the_last_run_carries_it(
+    tmp_path: Path,
+) -> None:
+    """Asked for a SHA-256, a large file's first runs leave without waiting
+    for it; the run that holds its last packet waits for it and carries it.
+    Every packet names the file's XXH128."""
+    video = tmp_path / "drive.mp4"
+    content = random.Random(11).randbytes(8 * 1024 * 1024)
+    video.write_bytes(content)
+    sha = hashlib.sha256(content).hexdigest()
+    digests = SimpleNamespace(xxh128=Future(), sha256=Future())
+    digests.xxh128.set_result(default_file_id(content))
+    runs: list[list[Packet]] = []
+
+    async def post_chunks(request: web.Request) -> web.Response:
+        frames = wire.decode_frames(await request.read())
+        runs.append(frames)
+        if len(runs) == 2:
+            digests.sha256.set_result(sha)
+        return web.json_response({"accepted": len(frames), "buffered": 0})
+
+    async def not_known(request: web.Request) -> web.Response:
+        return web.json_response({"error": "NotFound"}, status=404)
+
+    gateway = web.Application(client_max_size=4 * LARGE_RUN_BYTES)
+    gateway.router.add_post("/v1/files/status", not_known)
+    gateway.router.add_post("/v1/chunks", post_chunks)
+    runner = web.AppRunner(gateway)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with Sender(
+            f"http://127.0.0.1:{port}",
+            concurrency=1,
+            known_digests=lambda _: digests,
+            sha256=True,
+        ) as sender:
+            sent = await sender.send_file(video, chunk_size="256K")
+    finally:
+        await runner.cleanup()
+
+    assert (sent.file_id, sent.sha256) == (default_file_id(content), sha)
+    assert {p.file_xxh128 for run in runs for p in run} == {sent.file_id}
+    assert [p.file_sha256 for p in runs[0]] == [None] * 8
+    assert [p.file_sha256 for p in runs[-1]] == [sha] * 8
+    assert runs[-1][-1].seq == 32
+    assert b"".join(p.data for run in runs for p in run) == content

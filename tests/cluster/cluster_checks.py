@@ -21,7 +21,7 @@ import aio_pika
 from datahaul.broker import topology
 from datahaul.config import Settings
 from datahaul.faults.rabbit import queue_stats
-from datahaul.sender import Sender, SendResult, file_id_from_sha256
+from datahaul.sender import Sender, SendResult, default_file_id
 from datahaul.storage.catalog import Catalog
 
 KiB = 1024
@@ -43,6 +43,7 @@ class Source:
     type: str
     sha256: str
     size: int
+    file_id: str
 
 
 def make_sources(
@@ -64,7 +65,13 @@ def make_sources(
         path = folder / f"{data_type}-{seed}-{index}.{_suffix(data_type)}"
         path.write_bytes(content)
         sources.append(
-            Source(path, data_type, hashlib.sha256(content).hexdigest(), size)
+            Source(
+                path,
+                data_type,
+                hashlib.sha256(content).hexdigest(),
+                size,
+                default_file_id(content),
+            )
         )
     return sources
 
@@ -131,10 +138,10 @@ def sent_files(
     sources: Sequence[Source], results: Sequence[SendResult]
 ) -> dict[str, Source]:
     """Each sent file's id and its source, matched by content."""
-    by_sha = {source.sha256: source for source in sources}
+    by_id = {source.file_id: source for source in sources}
     assert len(results) == len(sources)
-    assert {result.sha256 for result in results} == set(by_sha)
-    return {result.file_id: by_sha[result.sha256] for result in results}
+    assert {result.file_id for result in results} == set(by_id)
+    return {result.file_id: by_id[result.file_id] for result in results}
 
 
 def assert_stored_once(
@@ -220,7 +227,7 @@ def post_packets(gateway_url: str, source: Source, seqs: Iterable[int]) -> None:
         packets.append(
             {
                 "type": source.type,
-                "file_id": file_id_from_sha256(source.sha256),
+                "file_id": source.file_id,
                 "seq": seq,
                 "total_seq": total,
                 "data": base64.b64encode(data).decode(),

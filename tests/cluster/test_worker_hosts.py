@@ -23,7 +23,6 @@ from cluster.cluster_checks import (
 )
 from datahaul.faults.cluster import RabbitCluster
 from datahaul.faults.processes import ServiceProcess
-from datahaul.sender import file_id_from_sha256
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -52,7 +51,7 @@ async def test_workers_on_several_hosts_share_only_postgres_and_the_store(
         await asyncio.to_thread(post_packets, url, source, range(1, half + 1))
     wait_received(
         fresh_pg_url,
-        {file_id_from_sha256(s.sha256): half for s, half in halves.items()},
+        {s.file_id: half for s, half in halves.items()},
     )
     first_host.kill9()
 
@@ -72,7 +71,7 @@ async def test_workers_on_several_hosts_share_only_postgres_and_the_store(
 
     files = {
         **sent_files(sources, results),
-        **{file_id_from_sha256(source.sha256): source for source in begun},
+        **{source.file_id: source for source in begun},
     }
     assert_stored_once(fresh_pg_url, files, shared_store / "staging")
     wait_outbox_empty(url)

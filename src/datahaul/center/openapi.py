@@ -242,6 +242,7 @@ FILE_PROPERTIES: dict[str, Any] = {
     "content_type": NULLABLE_STRING,
     "device_id": NULLABLE_STRING,
     "expected_sha256": NULLABLE_STRING,
+    "expected_xxh128": NULLABLE_STRING,
     "metadata": {"type": ["object", "null"]},
     "size": NULLABLE_INTEGER,
     "sha256": NULLABLE_STRING,

@@ -63,7 +63,7 @@ def main() -> None:
     command, arguments = _command_and_arguments(sys.argv)
     if command == "send":
         # Words that name no large file (option values, say) are passed over.
-        early_hash.start(arguments)
+        early_hash.start(arguments, sha256="--sha256" in sys.argv)
     app = _app()
     _register_commands(app, command)
     app()

@@ -73,7 +73,7 @@ def send(
     file_id: str | None = typer.Option(
         None,
         "--file-id",
-        help="Id for the file, one PATH only (default: from its SHA-256)",
+        help="Id for the file, one PATH only (default: from its content)",
     ),
     device_id: str | None = typer.Option(
         None, "--device-id", help="Robot or vehicle the files come from."
@@ -88,6 +88,12 @@ def send(
         RetryPolicy().attempts,
         "--attempts",
         help="Tries per request on connection errors and 5xx before giving up.",
+    ),
+    sha256: bool = typer.Option(
+        False,
+        "--sha256",
+        help="Also work out each file's SHA-256 here and send it, for the worker "
+        "to check beside the XXH128 (more CPU on this machine).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     no_progress: bool = typer.Option(
@@ -105,7 +111,8 @@ def send(
             gateway_url,
             concurrency=concurrency,
             retry=retry,
-            known_sha256=early_hash.digest_for,
+            known_digests=early_hash.digests_for,
+            sha256=sha256,
         )
     except DatahaulError as error:
         raise fail(str(error), ExitCode.USAGE) from None

@@ -190,6 +190,9 @@ class Soak:
         self, sender: Sender, path: Path, kind: str, give_up: float
     ) -> None:
         chunk = random.choice(["16K", "64K", "256K"])
+        # Taken here, not from the sender: the file's bytes are the truth the
+        # stored copy is judged against.
+        sha256 = await asyncio.to_thread(_sha256_of, path)
         while time.monotonic() < give_up:
             try:
                 result = await sender.send_file(path, type=kind, chunk_size=chunk)
@@ -197,7 +200,7 @@ class Soak:
                 log.debug("soak.send_retry", path=path.name, error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            self.sent[result.file_id] = (result.sha256, result.size)
+            self.sent[result.file_id] = (sha256, result.size)
             return
         log.warning("soak.send_abandoned", path=path.name)
 

@@ -18,6 +18,7 @@ DATA_TYPES: tuple[str, ...] = get_args(DataType)
 
 FILE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+XXH128_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 HEX_PATTERN = re.compile(r"[0-9a-f]+")
 
 # The optional fields, in the order the protocol document lists them.
@@ -27,6 +28,7 @@ OPTIONAL_TEXT_FIELDS = (
     "device_id",
     "chunk_xxh128",
     "chunk_sha256",
+    "file_xxh128",
     "file_sha256",
 )
 
@@ -44,6 +46,7 @@ class Packet(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     device_id: str | None = None
     chunk_xxh128: str | None = None
     chunk_sha256: str | None = None
+    file_xxh128: str | None = None
     file_sha256: str | None = None
     metadata: dict[str, Any] | None = None
 
@@ -62,10 +65,10 @@ def check_all(packets: Sequence[Packet], max_chunk_bytes: int) -> None:
     When there are several, the PacketError raised carries the packet's
     place in `packets` as its `index`.
     """
-    checked: set[tuple[str, str | None]] = set()
+    checked: set[tuple[str, str | None, str | None]] = set()
     for index, packet in enumerate(packets):
         try:
-            shared = (packet.file_id, packet.file_sha256)
+            shared = (packet.file_id, packet.file_xxh128, packet.file_sha256)
             if shared not in checked:
                 _check_file_fields(packet)
                 checked.add(shared)
@@ -82,6 +85,8 @@ def _check_file_fields(packet: Packet) -> None:
             "must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
         )
+    if packet.file_xxh128 is not None and not XXH128_PATTERN.match(packet.file_xxh128):
+        raise PacketError("file_xxh128", "must be 32 lowercase hexadecimal digits")
     if packet.file_sha256 is not None and not SHA256_PATTERN.match(packet.file_sha256):
         raise PacketError("file_sha256", "must be 64 lowercase hexadecimal digits")
 

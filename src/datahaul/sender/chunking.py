@@ -6,15 +6,20 @@ before the first request is decided here, so that it can be tested alone.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import hashlib
 import math
 import mimetypes
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import xxhash
 
 from datahaul.errors import ConfigError
 from datahaul.protocol.packet import DATA_TYPES, FILE_ID_PATTERN, DataType
@@ -129,10 +134,25 @@ def check_file_id(file_id: str) -> str:
     return file_id
 
 
-def file_id_from_sha256(sha256: str) -> str:
-    """The default id: the same content always maps to the same id, so a re-send
-    resumes instead of storing the file twice."""
-    return sha256[:FILE_ID_HEX_DIGITS]
+def content_id(source: ChunkSource) -> str:
+    """The default file id: the XXH128 of the content, 32 hex digits.
+
+    The same content always maps to the same id, so a re-send resumes
+    instead of storing the file twice. XXH128 and not the SHA-256: the id
+    is needed before the first packet can leave, and XXH128 reads a GiB in
+    a fifth of the time SHA-256 takes to hash it. The id is no security
+    boundary (a client may name any id), and the SHA-256 still proves the
+    stored file is the one sent.
+    """
+    digest = xxhash.xxh3_128()
+    for offset in range(0, source.size, HASH_BLOCK_BYTES):
+        digest.update(source.read(offset, HASH_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def default_file_id(content: bytes) -> str:
+    """The id `datahaul send` gives a file with this content."""
+    return xxhash.xxh3_128_hexdigest(content)
 
 
 def total_seq_for(size: int, chunk_size: int) -> int:
@@ -218,10 +238,12 @@ class FileSource:
         )
 
 
-def sha256_of(source: ChunkSource) -> str:
+def sha256_of(source: ChunkSource, stop: threading.Event | None = None) -> str:
     """The SHA-256 of a whole source, one block in memory at a time."""
     digest = hashlib.sha256()
     for offset in range(0, source.size, HASH_BLOCK_BYTES):
+        if stop is not None and stop.is_set():
+            raise HashAbandoned("the send this hash was for has ended")
         digest.update(source.read(offset, HASH_BLOCK_BYTES))
     return digest.hexdigest()
 
@@ -259,3 +281,83 @@ def seqs_in_ranges(ranges: list[list[int]], total_seq: int) -> list[int]:
             raise ValueError(f"range [{first}, {last}] is outside 1..{total_seq}")
         seqs.update(range(first, last + 1))
     return sorted(seqs)
+
+
+class HashAbandoned(Exception):
+    """Raised in a background hash whose send ended before it was done."""
+
+
+class PendingSha256:
+    """A file's SHA-256 while it is still being worked out.
+
+    It comes from the early hash's child when one was started for the file,
+    else from a thread here; hashlib lets go of the GIL while it hashes a
+    block, so the event loop keeps sending meanwhile. `abandon` must be
+    awaited before the source is closed: the thread reads through the
+    source's descriptor.
+    """
+
+    def __init__(self, source: ChunkSource | None, digest: str | None) -> None:
+        self._source = source
+        self._digest = digest
+        self._stop = threading.Event()
+        self._work: asyncio.Future[str] | None = None
+
+    @classmethod
+    def start(
+        cls, source: ChunkSource, early: concurrent.futures.Future[str] | None
+    ) -> PendingSha256:
+        """Begin working out the SHA-256 of `source` (inside a running loop)."""
+        if early is None and source.size <= WHOLE_FILE_BYTES:
+            # Hashing a quarter of a MiB costs less than a thread hop.
+            return cls(source, sha256_of(source))
+        pending = cls(source, None)
+        pending._follow(
+            asyncio.wrap_future(early) if early is not None else pending._on_thread()
+        )
+        return pending
+
+    @classmethod
+    def known_as(cls, digest: str) -> PendingSha256:
+        return cls(None, digest)
+
+    def known(self) -> str | None:
+        """The digest if it is done, without waiting for it."""
+        return self._digest
+
+    async def result(self) -> str:
+        if self._digest is not None:
+            return self._digest
+        assert self._work is not None
+        try:
+            return await asyncio.shield(self._work)
+        except OSError:
+            if self._stop.is_set():
+                raise
+        # The early hash could not read the file: whatever it met, the
+        # reads here meet too, and say so in the send's error.
+        self._follow(self._on_thread())
+        return await asyncio.shield(self._work)
+
+    async def abandon(self) -> None:
+        self._stop.set()
+        if self._work is None:
+            return
+        await asyncio.wait([self._work])
+        if not self._work.cancelled():
+            # Looked at, so that asyncio does not report it as never retrieved.
+            self._work.exception()
+
+    def _on_thread(self) -> asyncio.Future[str]:
+        assert self._source is not None, "a digest known beforehand needs no hashing"
+        return asyncio.ensure_future(
+            asyncio.to_thread(sha256_of, self._source, self._stop)
+        )
+
+    def _follow(self, work: asyncio.Future[str]) -> None:
+        self._work = work
+        work.add_done_callback(self._keep)
+
+    def _keep(self, work: asyncio.Future[str]) -> None:
+        if not work.cancelled() and work.exception() is None:
+            self._digest = work.result()

@@ -7,16 +7,16 @@ worker can pick up any file where another left it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 from datahaul.protocol.packet import Packet
+from datahaul.storage.digests import Digests, integrity_error
 from datahaul.storage.sql import Database, Transaction, open_database
 
 log = structlog.get_logger("datahaul.catalog")
@@ -97,6 +97,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        3,
+        # The whole file's XXH128, the check `datahaul send` names by
+        # default since 2026-12-04 (docs/protocol.md).
+        """
+        ALTER TABLE files ADD COLUMN expected_xxh128 TEXT;
+        """,
+    ),
 ]
 
 
@@ -120,6 +128,7 @@ class FileRecord:
     created_at: float
     updated_at: float
     stored_at: float | None
+    expected_xxh128: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -159,18 +168,16 @@ class StageResult:
 STALE_REASON = "staged into an object that the file's expiry discarded"
 
 
+class Expected(NamedTuple):
+    """The whole-file digests a file's packets have named so far."""
+
+    xxh128: str | None = None
+    sha256: str | None = None
+
+
 def staged_object(staged_name: str) -> str:
     """The staging object a chunk's name points into ('segment@offset')."""
     return staged_name.partition("@")[0]
-
-
-def integrity_error(actual_sha256: str, expected_sha256: str | None) -> str | None:
-    """Why an assembled file is not what its sender announced, if it is not."""
-    if expected_sha256 is None or expected_sha256 == actual_sha256:
-        return None
-    return (
-        f"assembled SHA-256 {actual_sha256} differs from the sender's {expected_sha256}"
-    )
 
 
 class Catalog:
@@ -277,10 +284,10 @@ class Catalog:
         first = packets[0][0]
         if first.type != "text":
             return None
-        shape = (first.type, first.total_seq)
+        shape = _shape(first)
         by_seq: dict[int, Packet] = {}
         for packet, staged_name in packets:
-            if staged_name is not None or (packet.type, packet.total_seq) != shape:
+            if staged_name is not None or _shape(packet) != shape:
                 return None
             by_seq.setdefault(packet.seq, packet)
         if len(by_seq) != first.total_seq:
@@ -324,6 +331,7 @@ class Catalog:
             content_type=first.content_type,
             device_id=first.device_id,
             expected_sha256=first.file_sha256,
+            expected_xxh128=first.file_xxh128,
             metadata=first.metadata,
             size=None,
             sha256=None,
@@ -387,7 +395,10 @@ class Catalog:
         The file row is read once and updated once per batch, not per packet.
         """
         file_id = packets[0][0].file_id
-        kind, total_seq, state, expiries = self._file_row_for(txn, packets[0][0], now)
+        kind, total_seq, state, expiries, expected = self._file_row_for(
+            txn, packets[0][0], now
+        )
+        expected = self._note_expected(txn, packets, expected)
         discarded: set[str] = set()
         if expiries and any(name is not None for _, name in packets):
             rows = txn.execute(
@@ -402,7 +413,11 @@ class Catalog:
                 outcomes.append(StageOutcome(packet, "stale", STALE_REASON))
                 continue
             outcome = self._stage_chunk(
-                txn, packet, staged_name, (kind, total_seq, state), inline_limit
+                txn,
+                packet,
+                staged_name,
+                (kind, total_seq, state, expected),
+                inline_limit,
             )
             outcomes.append(outcome)
             if outcome.status == "staged":
@@ -425,10 +440,10 @@ class Catalog:
         txn: Transaction,
         packet: Packet,
         staged_name: str | None,
-        shape: tuple[str, int, str],
+        shape: tuple[str, int, str, Expected],
         inline_limit: int,
     ) -> StageOutcome:
-        kind, total_seq, state = shape
+        kind, total_seq, state, expected = shape
         if kind != packet.type:
             return StageOutcome(
                 packet,
@@ -441,6 +456,16 @@ class Catalog:
                 "conflict",
                 f"total_seq {packet.total_seq} differs from the file's {total_seq}",
             )
+        for name, named, known in (
+            ("file_xxh128", packet.file_xxh128, expected.xxh128),
+            ("file_sha256", packet.file_sha256, expected.sha256),
+        ):
+            if named is not None and named != known:
+                return StageOutcome(
+                    packet,
+                    "conflict",
+                    f"{name} {named} differs from the file's {known}",
+                )
         if state != RECEIVING:
             return StageOutcome(packet, "duplicate", f"file is {state}")
 
@@ -456,18 +481,43 @@ class Catalog:
             return StageOutcome(packet, "duplicate", "chunk already staged")
         return StageOutcome(packet, "staged")
 
+    def _note_expected(
+        self,
+        txn: Transaction,
+        packets: Sequence[tuple[Packet, str | None]],
+        known: Expected,
+    ) -> Expected:
+        """Note the digests the file must have once assembled, each from the
+        first packet that names it: a sender may name a digest only on its
+        later packets, having worked it out while the first ones left."""
+        xxh128 = known.xxh128 or next(
+            (p.file_xxh128 for p, _ in packets if p.file_xxh128), None
+        )
+        sha256 = known.sha256 or next(
+            (p.file_sha256 for p, _ in packets if p.file_sha256), None
+        )
+        noted = Expected(xxh128, sha256)
+        if noted != known:
+            txn.execute(
+                "UPDATE files SET expected_xxh128 = ?, expected_sha256 = ? "
+                "WHERE file_id = ?",
+                (xxh128, sha256, packets[0][0].file_id),
+            )
+        return noted
+
     def _file_row_for(
         self, txn: Transaction, packet: Packet, now: float
-    ) -> tuple[str, int, str, int]:
-        """The file's type, total_seq, state and expiries, its row locked.
+    ) -> tuple[str, int, str, int, Expected]:
+        """The file's type, total_seq, state, expiries and expected digests,
+        its row locked.
 
         The lock is what keeps a staging transaction from judging its chunks
         by a state that a concurrent expiry is changing.
         """
         txn.execute(
             "INSERT INTO files (file_id, type, total_seq, state, file_name, "
-            "content_type, device_id, expected_sha256, metadata, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "content_type, device_id, expected_sha256, expected_xxh128, metadata, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (file_id) DO NOTHING",
             (
                 packet.file_id,
@@ -478,6 +528,7 @@ class Catalog:
                 packet.content_type,
                 packet.device_id,
                 packet.file_sha256,
+                packet.file_xxh128,
                 json.dumps(packet.metadata) if packet.metadata is not None else None,
                 now,
                 now,
@@ -486,8 +537,8 @@ class Catalog:
         # SQLite's writers take the whole database (BEGIN IMMEDIATE).
         lock = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
         row = txn.execute(
-            "SELECT type, total_seq, state, expiries FROM files WHERE file_id = ?"
-            + lock,
+            "SELECT type, total_seq, state, expiries, expected_xxh128, "
+            "expected_sha256 FROM files WHERE file_id = ?" + lock,
             (packet.file_id,),
         ).fetchone()
         assert row is not None
@@ -495,11 +546,13 @@ class Catalog:
             # A packet for an expired file starts it over (docs/reliability.md).
             txn.execute(
                 "UPDATE files SET state = ?, type = ?, total_seq = ?, received = 0, "
-                "received_bytes = 0, error = NULL, updated_at = ? WHERE file_id = ?",
+                "received_bytes = 0, error = NULL, expected_sha256 = NULL, "
+                "expected_xxh128 = NULL, "
+                "updated_at = ? WHERE file_id = ?",
                 (RECEIVING, packet.type, packet.total_seq, now, packet.file_id),
             )
-            return packet.type, packet.total_seq, RECEIVING, row[3]
-        return row[0], row[1], row[2], row[3]
+            return packet.type, packet.total_seq, RECEIVING, row[3], Expected()
+        return row[0], row[1], row[2], row[3], Expected(row[4], row[5])
 
     def claim(self, file_id: str, owner: str, lease_seconds: float) -> bool:
         """Take the right to finalize a complete file; only one worker wins."""
@@ -827,13 +880,21 @@ def _filters(**conditions: Any) -> tuple[str, list[Any]]:
 def _judge_text(record: FileRecord, content: bytes, now: float) -> None:
     """What storing `content` as the record's text makes of the record:
     stored with its SHA-256, or failed when that differs from the expected."""
-    record.sha256 = hashlib.sha256(content).hexdigest()
+    digests = Digests.of(content)
+    record.sha256 = digests.sha256
     record.size = len(content)
-    record.error = integrity_error(record.sha256, record.expected_sha256)
+    record.error = integrity_error(
+        digests, record.expected_sha256, record.expected_xxh128
+    )
     record.state = FAILED if record.error else STORED
     record.location = None if record.error else TEXT_LOCATION + record.file_id
     record.stored_at = None if record.error else now
     record.updated_at = now
+
+
+def _shape(packet: Packet) -> tuple[str, int, str | None, str | None]:
+    """What every packet of a file must agree on."""
+    return (packet.type, packet.total_seq, packet.file_xxh128, packet.file_sha256)
 
 
 def _row(record: FileRecord) -> tuple[Any, ...]:

@@ -9,7 +9,6 @@ who wins.
 from __future__ import annotations
 
 import errno
-import hashlib
 import re
 import time
 import uuid
@@ -36,9 +35,9 @@ from datahaul.storage.catalog import (
     StagedChunk,
     StageOutcome,
     StageResult,
-    integrity_error,
     staged_object,
 )
+from datahaul.storage.digests import Digests, FileHasher, integrity_error
 
 log = structlog.get_logger("datahaul.worker")
 
@@ -67,7 +66,7 @@ class Stored:
     """What storing a complete file came to, before the catalog hears of it."""
 
     state: str
-    sha256: str
+    digests: Digests
     location: str | None = None
     text: bytes | None = None
     error: str | None = None
@@ -91,7 +90,7 @@ class FileImage:
     recorded: dict[int, int] = field(default_factory=dict)
     next_seq: int = 1  # the first chunk not yet hashed
     hashed_bytes: int = 0
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hasher: FileHasher = field(default_factory=FileHasher)
     # The hasher's work on the last batch, done on the hash thread.
     hashing: Future[None] | None = None
 
@@ -111,13 +110,13 @@ class FileImage:
     def offset_of(self, seq: int) -> int:
         return (seq - 1) * self.chunk_bytes
 
-    def digest_of(self, total_seq: int, size: int) -> str | None:
+    def digests_of(self, total_seq: int, size: int) -> Digests | None:
         complete = self.next_seq == total_seq + 1 and self.hashed_bytes == size
         if not complete:
             return None
         if self.hashing is not None:
             self.hashing.result()
-        return self.hasher.hexdigest()
+        return self.hasher.digests()
 
 
 class Assembler:
@@ -382,21 +381,23 @@ class Assembler:
         started = time.monotonic()
         log.debug("file.assembling", file_id=file_id, packets=record.total_seq)
 
-        hasher = hashlib.sha256()
+        hasher = FileHasher()
         try:
             stored = self._store(record, hasher, sealed)
         except IntegrityError as exc:
-            stored = Stored(FAILED, hasher.hexdigest(), error=str(exc))
-        mismatch = integrity_error(stored.sha256, record.expected_sha256)
+            stored = Stored(FAILED, hasher.digests(), error=str(exc))
+        mismatch = integrity_error(
+            stored.digests, record.expected_sha256, record.expected_xxh128
+        )
         if stored.state == STORED and mismatch:
-            stored = Stored(FAILED, stored.sha256, error=mismatch)
+            stored = Stored(FAILED, stored.digests, error=mismatch)
 
         finished = self.catalog.finish(
             record,
             self.owner,
             state=stored.state,
             size=record.received_bytes,
-            sha256=stored.sha256,
+            sha256=stored.digests.sha256,
             location=stored.location,
             error=stored.error,
             text=stored.text,
@@ -413,7 +414,7 @@ class Assembler:
         return Finalized(updated, stored.state, duration, stored.linked)
 
     def _store(
-        self, record: FileRecord, hasher: hashlib._Hash, sealed: FileImage | None
+        self, record: FileRecord, hasher: FileHasher, sealed: FileImage | None
     ) -> Stored:
         if (
             record.type == "text"
@@ -421,7 +422,7 @@ class Assembler:
         ):
             text = b"".join(self._blocks(record, hasher))
             location = TEXT_LOCATION + record.file_id
-            return Stored(STORED, hasher.hexdigest(), location, text)
+            return Stored(STORED, hasher.digests(), location, text)
 
         adopted = self._adopt_segment(record, sealed)
         if adopted is not None:
@@ -431,7 +432,7 @@ class Assembler:
             self._blocks(record, hasher),
             sha256=record.expected_sha256,
         )
-        return Stored(STORED, hasher.hexdigest(), location)
+        return Stored(STORED, hasher.digests(), location)
 
     def _adopt_segment(
         self, record: FileRecord, sealed: FileImage | None
@@ -457,17 +458,19 @@ class Assembler:
         except FileNotFoundError:
             return None  # the copying path names what is missing
 
-        digest = None
+        digests = None
         if sealed is not None and sealed.name == name:
-            digest = sealed.digest_of(record.total_seq, record.received_bytes)
-        if digest is None:
-            hasher = hashlib.sha256()
+            digests = sealed.digests_of(record.total_seq, record.received_bytes)
+        if digests is None:
+            hasher = FileHasher()
             for _ in self._blocks(record, hasher):
                 pass
-            digest = hasher.hexdigest()
-        mismatch = integrity_error(digest, record.expected_sha256)
+            digests = hasher.digests()
+        mismatch = integrity_error(
+            digests, record.expected_sha256, record.expected_xxh128
+        )
         if mismatch:
-            return Stored(FAILED, digest, error=mismatch)
+            return Stored(FAILED, digests, error=mismatch)
 
         try:
             location = self.blobs.adopt(blob_key(record), path)
@@ -475,7 +478,7 @@ class Assembler:
             if exc.errno not in NO_LINK:
                 raise
             return None
-        return Stored(STORED, digest, location, linked=True)
+        return Stored(STORED, digests, location, linked=True)
 
     def _whole_segment(self, record: FileRecord) -> str | None:
         """The one staging segment holding the file's chunks in order, if any."""
@@ -496,7 +499,7 @@ class Assembler:
             return None
         return name
 
-    def _blocks(self, record: FileRecord, hasher: hashlib._Hash) -> Iterator[bytes]:
+    def _blocks(self, record: FileRecord, hasher: FileHasher) -> Iterator[bytes]:
         """The file's bytes in seq order, hashed on the way, lease kept alive."""
         expected_seq = 1
         renew_at = time.monotonic() + self.settings.lease_seconds / 3
@@ -602,6 +605,6 @@ def blob_key(record: FileRecord) -> str:
     return f"{blob_folder(record)}/{name.lstrip('.') or 'data'}"
 
 
-def _hash_all(hasher: hashlib._Hash, blocks: Sequence[bytes]) -> None:
+def _hash_all(hasher: FileHasher, blocks: Sequence[bytes]) -> None:
     for block in blocks:
         hasher.update(block)
