@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 
 import pytest
@@ -128,6 +129,31 @@ def test_raw_chunks_are_checked_like_json_packets(small_chunk_gateway):
     assert (code, answer["field"]) == (413, "data")
     code, answer = call(f"{url}/2?type=video&total_seq=2", b"abc", method="PUT")
     assert code == 200, answer
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_request_limit_is_refused(small_chunk_gateway, chunked):
+    """A body past the gateway's request limit (twice the chunk limit and a
+    MiB) is answered 413 naming the request, with or without a length."""
+    limit = CHUNK_LIMIT * 2 + 1024 * 1024
+    body = b"x" * (limit + 1)
+    connection = http.client.HTTPConnection(
+        small_chunk_gateway.removeprefix("http://"), timeout=30
+    )
+    headers = {"Content-Type": wire.BUNDLE_CONTENT_TYPE}
+    try:
+        if chunked:
+            pieces = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            connection.request(
+                "POST", "/v1/chunks", pieces, headers, encode_chunked=True
+            )
+        else:
+            connection.request("POST", "/v1/chunks", body, headers)
+        answer = connection.getresponse()
+        assert answer.status == 413
+        assert json.loads(answer.read())["field"] == "$"
+    finally:
+        connection.close()
 
 
 def test_health_and_ledger_after_bad_input(small_chunk_gateway):

@@ -95,7 +95,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def post_packets(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
-    body = await request.read()
+    body = await read_body(request)
     if request.content_type in NDJSON_TYPES:
         packets = _decode_lines(body)
     else:
@@ -125,7 +125,7 @@ async def post_chunks(request: web.Request) -> web.Response:
             f"Content-Type must be {wire.BUNDLE_CONTENT_TYPE}, not "
             f"{request.content_type}; JSON packets go to /v1/packets",
         )
-    body = await request.read()
+    body = await read_body(request)
     packets = wire.decode_frames(body)
     if not packets:
         raise PacketError("$", "the request holds no packet")
@@ -245,6 +245,36 @@ def _chunk_fields(request: web.Request) -> dict[str, str]:
         if lowered.startswith(HEADER_PREFIX):
             fields[lowered[len(HEADER_PREFIX) :].replace("-", "_")] = value
     return fields
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, each byte copied once; 413 past the app's size limit.
+
+    `request.read()` grows a bytearray as the body comes and copies it again
+    at the end: at 2 MiB a request the reallocations alone were an eighth
+    of the gateway's CPU. Here the pieces are kept as they arrive and
+    joined once.
+    """
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=request.content_length
+        )
+    # Without this the reader pauses the socket every 128 KiB of body.
+    request.content.set_read_chunk_size(limit)
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        piece, _ = await request.content.readchunk()
+        if not piece:
+            if request.content.at_eof():
+                break
+            continue
+        size += len(piece)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes:
