@@ -50,15 +50,17 @@ def test_aligned_and_unaligned_pieces_land_where_they_belong(tmp_path: Path) -> 
 
 
 def test_a_later_write_keeps_what_the_file_held(tmp_path: Path) -> None:
-    """Images are filled in over many batches: nothing earlier is truncated."""
+    """Images are filled in over many batches: nothing earlier is truncated,
+    and each write says whether it created the file."""
     pieces, expected = _pieces(2)
     target = tmp_path / "image"
     writer = DirectWriter()
 
-    for piece in pieces:
-        writer.write(target, [piece])
+    created = [writer.write(target, [piece]) for piece in pieces]
 
     assert target.read_bytes() == bytes(expected)
+    # Only the first write made the file, so only it needs the folder synced.
+    assert created == [True] + [False] * (len(pieces) - 1)
 
 
 def test_direct_writes_leave_the_page_cache_alone(tmp_path: Path) -> None:

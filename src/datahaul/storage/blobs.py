@@ -120,11 +120,13 @@ class FilesystemStore:
         """Write each (offset, bytes) piece into an object, durably.
 
         The object is created if need be and never truncated: what other
-        places of it hold stays as it was.
+        places of it hold stays as it was. Its folder is fsynced only when
+        the object was created here: later writes change no directory.
         """
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._direct.write(target, pieces)
+        if self._direct.write(target, pieces):
+            _fsync_dir(target.parent)
 
     def adopt(self, key: str, source: Path) -> str:
         """Make a file of the same filesystem the object under key, uncopied.

@@ -42,8 +42,9 @@ class DirectWriter:
         self.enabled = hasattr(os, "O_DIRECT")
         self._local = threading.local()
 
-    def write(self, path: os.PathLike[str] | str, pieces: Iterable[Piece]) -> None:
-        """Write every piece at its offset and fdatasync the file."""
+    def write(self, path: os.PathLike[str] | str, pieces: Iterable[Piece]) -> bool:
+        """Write every piece at its offset and fdatasync the file; say whether
+        the file was created here."""
         aligned: list[Piece] = []
         others: list[Piece] = []
         for offset, data in pieces:
@@ -52,7 +53,11 @@ class DirectWriter:
                 (offset, data)
             )
 
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        created = True
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            descriptor, created = os.open(path, os.O_WRONLY), False
         try:
             if aligned and not self._write_direct(path, aligned):
                 others.extend(aligned)
@@ -63,6 +68,7 @@ class DirectWriter:
             os.fdatasync(descriptor)
         finally:
             os.close(descriptor)
+        return created
 
     def _write_direct(self, path: os.PathLike[str] | str, pieces: list[Piece]) -> bool:
         """Write the pieces with O_DIRECT; False if they must go another way."""

@@ -170,9 +170,10 @@ class Assembler:
             else:
                 segments.setdefault(packet.file_id, []).append(index)
 
-        keys = self._write_images(packets, in_image, names)
+        self._write_images(packets, in_image, names)
         # The rest of a batch's large chunks of one file go to disk as one
         # segment: one fsync per file and batch instead of one per chunk.
+        keys = []
         for file_id, group in segments.items():
             segment = f"{packets[group[0]].seq:08d}-{uuid.uuid4().hex[:12]}"
             keys.append(f"{file_id}/{segment}")
@@ -183,7 +184,7 @@ class Assembler:
                 offset += len(packets[index].data)
 
         # The catalog row is what makes a chunk count, so the staged bytes
-        # must be durable before it commits.
+        # must be durable before it commits (an image's are once written).
         self.staging.sync(keys)
         try:
             result = self.catalog.stage(
@@ -280,24 +281,22 @@ class Assembler:
         packets: Sequence[Packet],
         in_image: dict[str, list[int]],
         names: dict[int, str | None],
-    ) -> list[str]:
-        """Write each chunk at its place in its file's image; name it in `names`."""
+    ) -> None:
+        """Write each chunk at its place in its file's image, durably; name it
+        in `names`."""
         staging = self.staging
         if not isinstance(staging, FilesystemStore):
-            return []
-        keys = []
+            return
         for file_id, group in in_image.items():
             image = self._images[file_id]
-            keys.append(f"{file_id}/{image.name}")
             places = [image.offset_of(packets[i].seq) for i in group]
             staging.write_at(
-                keys[-1],
+                f"{file_id}/{image.name}",
                 [(at, packets[i].data) for i, at in zip(group, places, strict=True)],
             )
             names.update(
                 (i, f"{image.name}@{at}") for i, at in zip(group, places, strict=True)
             )
-        return keys
 
     def _follow_images(
         self,
