@@ -24,7 +24,12 @@ from rich.progress import (
 from rich.table import Table
 
 from datahaul.cli import early_hash
-from datahaul.cli.common import ExitCode, fail, keep_large_buffers
+from datahaul.cli.common import (
+    ExitCode,
+    fail,
+    freeze_startup_heap,
+    keep_large_buffers,
+)
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 from datahaul.sender import (
@@ -123,6 +128,7 @@ def send(
         stdout = Console(width=PIPED_WIDTH)
     errors = Console(stderr=True)
     show_bars = errors.is_terminal and not no_progress
+    freeze_startup_heap()
     outcomes = asyncio.run(_send_all(sender, files, options, errors, show_bars))
 
     if as_json:

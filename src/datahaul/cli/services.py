@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import typer
 
 from datahaul.broker import topology
 from datahaul.broker.connection import NodeRing
-from datahaul.cli.common import ExitCode, fail, keep_large_buffers
+from datahaul.cli.common import ExitCode, fail, freeze_startup_heap, keep_large_buffers
 from datahaul.config import Settings
 from datahaul.errors import DatahaulError
 from datahaul.protocol.packet import DATA_TYPES
@@ -107,18 +106,6 @@ def worker(
             asyncio.run(_run_until_signalled(Worker(settings, types)))
     except DatahaulError as exc:
         raise fail(str(exc)) from None
-
-
-def freeze_startup_heap() -> None:
-    """Keep what a service loads at start-up out of the collector's full passes.
-
-    Measured with `gc.callbacks` during the latency benchmark, a full
-    collection took 40-60 ms in the worker and 41 ms in the gateway, and no
-    packet moves meanwhile. Modules and settings live as long as the
-    process, so scanning them again and again finds nothing.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 async def _run_until_signalled(worker: Worker) -> None:
