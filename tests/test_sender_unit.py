@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import random
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -593,17 +595,9 @@ async def test_a_gateway_without_the_status_question_is_asked_file_by_file(
     older.router.add_get("/v1/files/{file_id}", get_file)
     older.router.add_post("/v1/packets", post_packets)
     older.router.add_put("/v1/files/{file_id}/chunks/{seq}", put_chunk)
-    runner = web.AppRunner(older)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with Sender(f"http://127.0.0.1:{port}") as sender:
-            results = await sender.send_files([done, fresh], chunk_size="4K")
-            sent_video = await sender.send_file(video, chunk_size="100K")
-    finally:
-        await runner.cleanup()
+    async with _serving(older) as url, Sender(url) as sender:
+        results = await sender.send_files([done, fresh], chunk_size="4K")
+        sent_video = await sender.send_file(video, chunk_size="100K")
 
     assert [getattr(r, "status", r) for r in results] == ["already sent", "sent"]
     assert sorted(asked) == sorted([done_id, results[1].file_id, sent_video.file_id])
@@ -641,16 +635,8 @@ async def test_large_chunks_go_in_runs_and_runs_in_flight_are_bounded_in_bytes(
     gateway.router.add_post("/v1/files/status", not_known)
     gateway.router.add_get("/v1/files/{file_id}", not_known)
     gateway.router.add_post("/v1/chunks", post_chunks)
-    runner = web.AppRunner(gateway)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with Sender(f"http://127.0.0.1:{port}", concurrency=8) as sender:
-            sent = await sender.send_file(video, chunk_size=chunk)
-    finally:
-        await runner.cleanup()
+    async with _serving(gateway) as url, Sender(url, concurrency=8) as sender:
+        sent = await sender.send_file(video, chunk_size=chunk)
 
     assert sent.status == "sent"
     assert runs == [per_run] * (sum(runs) // per_run)
@@ -685,21 +671,13 @@ async def test_packets_leave_before_the_sha256_and_the_last_run_carries_it(
     gateway = web.Application(client_max_size=4 * LARGE_RUN_BYTES)
     gateway.router.add_post("/v1/files/status", not_known)
     gateway.router.add_post("/v1/chunks", post_chunks)
-    runner = web.AppRunner(gateway)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with Sender(
-            f"http://127.0.0.1:{port}",
-            concurrency=1,
-            known_digests=lambda _: digests,
-            sha256=True,
-        ) as sender:
-            sent = await sender.send_file(video, chunk_size="256K")
-    finally:
-        await runner.cleanup()
+    async with (
+        _serving(gateway) as url,
+        Sender(
+            url, concurrency=1, known_digests=lambda _: digests, sha256=True
+        ) as sender,
+    ):
+        sent = await sender.send_file(video, chunk_size="256K")
 
     assert (sent.file_id, sent.sha256) == (default_file_id(content), sha)
     assert {p.file_xxh128 for run in runs for p in run} == {sent.file_id}
@@ -707,3 +685,16 @@ async def test_packets_leave_before_the_sha256_and_the_last_run_carries_it(
     assert [p.file_sha256 for p in runs[-1]] == [sha] * 8
     assert runs[-1][-1].seq == 32
     assert b"".join(p.data for run in runs for p in run) == content
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve a stand-in gateway on a free port of 127.0.0.1; its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
