@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -142,5 +143,26 @@ async def test_the_sender_hashes_the_file_itself_when_the_early_hash_failed(
                 assert pending.known() == expected
             finally:
                 await pending.abandon()
+    finally:
+        source.close()
+
+
+async def test_an_abandoned_sha256_waits_only_for_a_thread_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """A send that ends early waits for its own hashing thread, which reads
+    through the source's descriptor, but not for the early hash's child,
+    which reads through one of its own."""
+    video = _large_file(tmp_path / "clip.mp4", 6)
+    source = FileSource(video)
+    try:
+        never_done = early_hash.EarlyDigests().sha256
+        from_child = PendingSha256.start(source, never_done)
+        async with asyncio.timeout(1):
+            await from_child.abandon()
+
+        on_thread = PendingSha256.start(source, None)
+        await on_thread.abandon()
+        assert on_thread.known() is None
     finally:
         source.close()

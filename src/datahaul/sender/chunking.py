@@ -141,8 +141,7 @@ def content_id(source: ChunkSource) -> str:
     instead of storing the file twice. XXH128 and not the SHA-256: the id
     is needed before the first packet can leave, and XXH128 reads a GiB in
     a fifth of the time SHA-256 takes to hash it. The id is no security
-    boundary (a client may name any id), and the SHA-256 still proves the
-    stored file is the one sent.
+    boundary: a client may name any id.
     """
     digest = xxhash.xxh3_128()
     for offset in range(0, source.size, HASH_BLOCK_BYTES):
@@ -302,6 +301,7 @@ class PendingSha256:
         self._digest = digest
         self._stop = threading.Event()
         self._work: asyncio.Future[str] | None = None
+        self._on_our_thread = False
 
     @classmethod
     def start(
@@ -340,8 +340,10 @@ class PendingSha256:
         return await asyncio.shield(self._work)
 
     async def abandon(self) -> None:
+        """Stop a hash of ours; the child's reads through a descriptor of its
+        own, and is not waited for."""
         self._stop.set()
-        if self._work is None:
+        if self._work is None or not self._on_our_thread:
             return
         await asyncio.wait([self._work])
         if not self._work.cancelled():
@@ -350,6 +352,7 @@ class PendingSha256:
 
     def _on_thread(self) -> asyncio.Future[str]:
         assert self._source is not None, "a digest known beforehand needs no hashing"
+        self._on_our_thread = True
         return asyncio.ensure_future(
             asyncio.to_thread(sha256_of, self._source, self._stop)
         )

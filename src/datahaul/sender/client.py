@@ -550,17 +550,7 @@ class Sender:
             if sha256 is not None:
                 await sha256.abandon()
         self._emit(label, "done", source.size)
-        log.debug(
-            "file.sent",
-            file_id=result.file_id,
-            file_name=result.file_name,
-            type=result.type,
-            bytes=result.size,
-            packets_sent=result.packets_sent,
-            packets_skipped=result.packets_skipped,
-            packets_buffered=result.packets_buffered,
-            seconds=round(time.monotonic() - started, 3),
-        )
+        _log_sent(result, time.monotonic() - started)
         return result
 
     def _digests_known(self, source: ChunkSource) -> FileDigests | None:
@@ -956,6 +946,20 @@ class Sender:
     def _emit(self, source: str, phase: Phase, size: int, advance: int = 0) -> None:
         if self.progress is not None:
             self.progress(ProgressEvent(source, phase, size, advance))
+
+
+def _log_sent(result: SendResult, seconds: float) -> None:
+    log.debug(
+        "file.sent",
+        file_id=result.file_id,
+        file_name=result.file_name,
+        type=result.type,
+        bytes=result.size,
+        packets_sent=result.packets_sent,
+        packets_skipped=result.packets_skipped,
+        packets_buffered=result.packets_buffered,
+        seconds=round(seconds, 3),
+    )
 
 
 def _read_and_hash(source: ChunkSource, offset: int, length: int) -> tuple[bytes, str]:
