@@ -105,7 +105,15 @@ def test_what_the_child_could_not_hash_fails_its_futures() -> None:
     os.close(writable)
     wanted = [early_hash.EarlyDigests(), early_hash.EarlyDigests()]
 
-    early_hash._collect(child, readable, wanted, sha256=True)
+    lines = [
+        (future, digits)
+        for digests in wanted
+        for future, digits in (
+            (digests.xxh128, early_hash.XXH128_DIGITS),
+            (digests.sha256, early_hash.SHA256_DIGITS),
+        )
+    ]
+    early_hash._collect(child, readable, lines)
 
     for digests in wanted:
         for future in (digests.xxh128, digests.sha256):

@@ -238,7 +238,7 @@ def test_packets_carry_checksums_the_gateway_accepts() -> None:
         device_id="robot-7",
         metadata={"run": 7},
         xxh128=default_file_id(data),
-        sha256=PendingSha256.known_as(sha),
+        sha256=PendingSha256(None, sha),
         plan=ChunkPlan(len(data), 64),
     )
     packets = [

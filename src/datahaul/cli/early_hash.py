@@ -85,14 +85,16 @@ def start(names: Iterable[str], *, sha256: bool = False) -> None:
         digests = EarlyDigests()
         _digests.setdefault(identity_of(found), digests)
         wanted.append(digests)
-    if not sha256:
+    # The child writes the lines in this order: every XXH128, then every
+    # SHA-256 if asked for.
+    lines = [(d.xxh128, XXH128_DIGITS) for d in wanted]
+    if sha256:
+        lines += [(d.sha256, SHA256_DIGITS) for d in wanted]
+    else:
         for digests in wanted:
             digests.sha256.set_exception(OSError("the SHA-256 was not asked for"))
     threading.Thread(
-        target=_collect,
-        args=(child, readable, wanted, sha256),
-        name="early-hash",
-        daemon=True,
+        target=_collect, args=(child, readable, lines), name="early-hash", daemon=True
     ).start()
 
 
@@ -130,14 +132,11 @@ def _hash_in_child(
         os._exit(0)
 
 
-def _collect(
-    child: int, readable: int, wanted: list[EarlyDigests], sha256: bool
-) -> None:
-    futures = [(d.xxh128, XXH128_DIGITS) for d in wanted]
-    if sha256:
-        futures += [(d.sha256, SHA256_DIGITS) for d in wanted]
+def _collect(child: int, readable: int, lines: list[tuple[Future[str], int]]) -> None:
+    """Settle each future with its line from the child: a digest of `digits`
+    hex digits, or anything else for a file the child could not read."""
     with os.fdopen(readable, "rb") as pipe:
-        for future, digits in futures:
+        for future, digits in lines:
             line = pipe.readline().strip()
             if len(line) == digits:
                 future.set_result(line.decode())

@@ -317,10 +317,6 @@ class PendingSha256:
         )
         return pending
 
-    @classmethod
-    def known_as(cls, digest: str) -> PendingSha256:
-        return cls(None, digest)
-
     def known(self) -> str | None:
         """The digest if it is done, without waiting for it."""
         return self._digest
