@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 from rich.console import Console
 
-from bench import disk, floor, objstore, outbox, packets, pipeline, rabbit
+from bench import disk, floor, least, objstore, outbox, packets, pipeline, rabbit
 from bench.procs import machine
 from bench.registry import REGISTRY, Options, RunContext, parts
 from bench.report import MAIN_SECTION, markdown, print_tables, write_doc
@@ -33,7 +33,7 @@ log = structlog.get_logger("datahaul.bench")
 
 # The modules above register their parts when imported; naming them here
 # keeps the imports from looking unused and fixes the order parts run in.
-PART_MODULES = (disk, rabbit, objstore, floor, pipeline, packets, outbox)
+PART_MODULES = (disk, rabbit, objstore, floor, least, pipeline, packets, outbox)
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_FILE = 64 * MiB
 FULL_FILE = 1 * GiB

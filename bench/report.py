@@ -42,6 +42,9 @@ BOUND_RATIOS: list[tuple[str, str]] = [
     (r"^cpu/pipeline/(?P<queue>\w+)/(?P<size>\d+)$", "cpu/bare/{queue}/{size}"),
     (r"^floor/video/(?P<queue>\w+)/(?P<size>\d+)$", "bare/{queue}/{size}"),
     (r"^pipeline/video/(?P<queue>\w+)/(?P<size>\d+)$", "floor/video/{queue}/{size}"),
+    (r"^least/video/(?P<queue>\w+)/(?P<size>\d+)$", "bare/{queue}/{size}"),
+    (r"^pipeline/video/(?P<queue>\w+)/(?P<size>\d+)$", "least/video/{queue}/{size}"),
+    (r"^cpu/least/(?P<queue>\w+)/(?P<size>\d+)$", "cpu/bare/{queue}/{size}"),
 ]
 # A figure that must stay under a limit, in the figure's own unit.
 LIMIT_TARGETS: list[tuple[str, float, str]] = [

@@ -109,6 +109,16 @@ def test_a_pipeline_figure_is_held_against_the_ceiling_of_its_own_size() -> None
             0.8,
             id="the floor's rate beside the bare client's of the same size",
         ),
+        pytest.param(
+            [
+                Figure("bare/quorum/262144", "bare 256K", 200.0, "MB/s"),
+                Figure("bare/quorum/1048576", "bare 1M", 250.0, "MB/s"),
+                Figure("least/video/quorum/1048576", "least 1M", 225.0, "MB/s"),
+            ],
+            "bare/quorum/1048576",
+            0.9,
+            id="the least pipeline beside the bare client of the same size",
+        ),
     ],
 )
 def test_a_bound_is_set_beside_its_ceiling_without_a_target(
@@ -265,6 +275,49 @@ def test_the_pipeline_part_measures_a_small_file_end_to_end(tmp_path: Path) -> N
     assert cpu["value"] > 0
     assert "sender" in cpu["detail"]
     assert "worker" in cpu["detail"]
+
+
+def test_the_least_pipeline_part_stores_a_small_file_and_checks_it(
+    tmp_path: Path,
+) -> None:
+    """Robot, relay and store move a 2 MiB file through a quorum queue; the
+    rate is set beside the bare client's and the pipeline's beside it."""
+    saved = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "bare,least,pipeline",
+         "--size", "2M", "--chunk-sizes", "256K", "--json", str(saved),
+         "--work-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = {f["key"]: f for f in json.loads(saved.read_text())["figures"]}
+    least = figures["least/video/quorum/262144"]
+    assert least["value"] > 0
+    assert "SHA-256 of the stored file checked" in least["detail"]
+    for role in ("robot", "relay", "store", "broker"):
+        assert role in figures["cpu/least/quorum/262144"]["detail"]
+    paired = {
+        (c.figure.key, c.ceiling.key)
+        for c in comparisons([Figure(**f) for f in figures.values()])
+        if c.ceiling is not None
+    }
+    assert ("least/video/quorum/262144", "bare/quorum/262144") in paired
+    assert ("pipeline/video/quorum/262144", "least/video/quorum/262144") in paired
+    assert not list(tmp_path.glob("least-*.image"))
+
+
+def test_the_least_pipeline_refuses_a_chunk_it_cannot_write_directly(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--parts", "least", "--size", "64K",
+         "--chunk-sizes", "1000", "--work-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    assert done.returncode != 0
+    assert "multiple of 4096; 1000 is not" in done.stdout + done.stderr
 
 
 def test_sigterm_removes_the_vhost_and_stops_the_services(tmp_path: Path) -> None:

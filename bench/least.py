@@ -1,0 +1,202 @@
+"""The least pipeline of datahaul's shape, run end to end beside the real one.
+
+Three processes, as in datahaul: a robot reads the source file in chunks,
+hashes each with XXH128 and streams them over TCP to a relay; the relay
+checks each chunk and publishes it persistently to a queue with publisher
+confirms in flight (aio-pika, as the bare client does); a store consumes
+with acks, checks each chunk again, writes it at its place with `O_DIRECT`,
+hashes the file with SHA-256 in order and fdatasyncs before it acks. There
+is nothing else: no HTTP, no JSON, no file id, no catalog, no outbox, no
+retries (bench/least_roles.py).
+
+It is not a product and carries none of datahaul's guarantees past a
+clean run. It measures, instead of adding up, what the floor part
+estimates: how fast any pipeline of this shape built on the bare client's
+library can go on this machine. The clock runs from the robot's start to
+the store's last fdatasync; the stored file's SHA-256 must match the
+source's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import psutil
+
+from bench.procs import CpuMeter, broker_process, device_of, payload_per_cpu_second
+from bench.rabbit import fresh_vhost
+from bench.registry import BenchmarkError, Figure, RunContext, SourceFile, benchmark
+from bench.units import mb_per_s, size_name
+
+PROJECT = Path(__file__).resolve().parent.parent
+DIRECT_ALIGN = 4096
+READY_TIMEOUT = 30.0
+
+
+@benchmark(
+    "least",
+    "the least pipeline of datahaul's shape on the bare client's library",
+    order=52,
+)
+async def least_pipeline(context: RunContext) -> list[Figure]:
+    options = context.options
+    source = context.source()
+    for chunk in options.chunk_sizes:
+        if chunk % DIRECT_ALIGN:
+            raise BenchmarkError(
+                f"the least pipeline writes with O_DIRECT, so its chunk size "
+                f"must be a multiple of {DIRECT_ALIGN}; {chunk} is not"
+            )
+    figures = []
+    async with fresh_vhost(options.amqp_url, "least") as url:
+        for chunk in options.chunk_sizes:
+            figures += await one_run(context, url, source, chunk)
+    return figures
+
+
+async def one_run(
+    context: RunContext, url: str, source: SourceFile, chunk: int
+) -> list[Figure]:
+    options = context.options
+    queue = f"bench.least.{secrets.token_hex(3)}"
+    await declare(url, queue, options.queue_type)
+    image = options.work_dir / f"least-{chunk}.image"
+    env = os.environ | {"DATAHAUL_LEAST_SIZE": str(source.size)}
+
+    try:
+        async with (
+            role(
+                "store",
+                [url, queue, str(options.prefetch), str(image), str(chunk)],
+                env,
+            ) as store,
+            role("relay", [url, queue, str(options.window)], env) as relay,
+        ):
+            port = relay.ready.split()[1]
+            broker = broker_process()
+            meter = CpuMeter(
+                {"relay": relay.watch(), "store": store.watch()}
+                | ({"broker": broker} if broker else {}),
+                self_label=None,
+                children_label="robot",
+                device=device_of(options.work_dir),
+            )
+            with meter.measure():
+                started = time.monotonic()
+                await run_robot(port, source.path, chunk, options.timeout)
+                done = await store.last_line(options.timeout)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
+
+    _, finished, sha256 = done.split()
+    if sha256 != source.sha256:
+        raise BenchmarkError(
+            f"the least pipeline stored a file with SHA-256 {sha256}; the source "
+            f"has {source.sha256}"
+        )
+    seconds = float(finished) - started
+    context.note_cpu(f"least/{options.queue_type}/{chunk}", meter.used, source.size)
+    return [
+        Figure(
+            f"least/video/{options.queue_type}/{chunk}",
+            f"least pipeline of datahaul's shape, {options.queue_type}, "
+            f"{size_name(chunk)} chunks",
+            mb_per_s(source.size, seconds),
+            "MB/s",
+            f"{size_name(source.size)} from the robot's start to the store's "
+            f"last fdatasync in {seconds:.2f} s; SHA-256 of the stored file "
+            f"checked; {meter.cores()}; {meter.disk(source.size)}",
+        ),
+        payload_per_cpu_second("least", options.queue_type, chunk, source.size, meter),
+    ]
+
+
+async def declare(url: str, queue: str, queue_type: str) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            queue, durable=True, arguments={"x-queue-type": queue_type}
+        )
+    finally:
+        await connection.close()
+
+
+class Role:
+    """One of the least pipeline's processes, and the line it said it was ready."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+        self.ready = ""
+
+    def watch(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    async def last_line(self, within: float) -> str:
+        assert self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), within)
+        except TimeoutError:
+            raise BenchmarkError(
+                f"the least pipeline's {self.name} said nothing in {within:g} s"
+            ) from None
+        if not line:
+            raise BenchmarkError(await self.failure())
+        return line.decode().strip()
+
+    async def failure(self) -> str:
+        assert self.process.stderr is not None
+        await self.process.wait()
+        error = (await self.process.stderr.read()).decode(errors="replace")
+        return (
+            f"the least pipeline's {self.name} exited with code "
+            f"{self.process.returncode}: {error.strip()[-1500:]}"
+        )
+
+
+@contextlib.asynccontextmanager
+async def role(name: str, args: list[str], env: dict[str, str]) -> AsyncIterator[Role]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.least_roles", name, *args,
+        cwd=PROJECT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    started = Role(name, process)
+    try:
+        started.ready = await started.last_line(READY_TIMEOUT)
+        yield started
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def run_robot(port: str, path: Path, chunk: int, within: float) -> None:
+    robot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.least_roles", "robot",
+        "127.0.0.1", port, str(path), str(chunk),
+        cwd=PROJECT, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, error = await asyncio.wait_for(robot.communicate(), within)
+    except TimeoutError:
+        robot.kill()
+        await robot.wait()
+        raise BenchmarkError(
+            f"the least pipeline's robot ran past {within:g} s"
+        ) from None
+    if robot.returncode != 0:
+        raise BenchmarkError(
+            f"the least pipeline's robot exited with code {robot.returncode}: "
+            f"{error.decode(errors='replace').strip()[-1500:]}"
+        )
