@@ -39,6 +39,8 @@ from bench.units import mb_per_s, size_name
 PROJECT = Path(__file__).resolve().parent.parent
 DIRECT_ALIGN = 4096
 READY_TIMEOUT = 30.0
+# How long a robot's failure waits to learn whether the relay died first.
+RELAY_EXIT_WAIT = 5.0
 
 
 @benchmark(
@@ -70,45 +72,59 @@ async def one_run(
     await declare(url, queue, options.queue_type)
     image = options.work_dir / f"least-{chunk}.image"
     env = os.environ | {"DATAHAUL_LEAST_SIZE": str(source.size)}
+    store_args = [url, queue, str(options.prefetch), str(image), str(chunk)]
 
     try:
         async with (
-            role(
-                "store",
-                [url, queue, str(options.prefetch), str(image), str(chunk)],
-                env,
-            ) as store,
+            role("store", store_args, env) as store,
             role("relay", [url, queue, str(options.window)], env) as relay,
         ):
-            port = relay.ready.split()[1]
-            broker = broker_process()
-            meter = CpuMeter(
-                {"relay": relay.watch(), "store": store.watch()}
-                | ({"broker": broker} if broker else {}),
-                self_label=None,
-                children_label="robot",
-                device=device_of(options.work_dir),
-            )
+            meter = role_meter(relay, store, options.work_dir)
             with meter.measure():
                 started = time.monotonic()
-                await run_robot(port, source.path, chunk, options.timeout)
-                done = await store.last_line(options.timeout)
+                port = relay.ready.split()[1]
+                await run_robot(port, source.path, chunk, options.timeout, relay)
+                finished, sha256 = stored(await store.last_line(options.timeout))
     finally:
         with contextlib.suppress(FileNotFoundError):
             image.unlink()
 
-    _, finished, sha256 = done.split()
     if sha256 != source.sha256:
         raise BenchmarkError(
             f"the least pipeline stored a file with SHA-256 {sha256}; the source "
             f"has {source.sha256}"
         )
-    seconds = float(finished) - started
     context.note_cpu(f"least/{options.queue_type}/{chunk}", meter.used, source.size)
+    return least_figures(options.queue_type, chunk, source, finished - started, meter)
+
+
+def role_meter(relay: Role, store: Role, work_dir: Path) -> CpuMeter:
+    """CPU of relay, store and broker; the robot's as this process's child."""
+    broker = broker_process()
+    return CpuMeter(
+        {"relay": relay.watch(), "store": store.watch()}
+        | ({"broker": broker} if broker else {}),
+        self_label=None,
+        children_label="robot",
+        device=device_of(work_dir),
+    )
+
+
+def stored(line: str) -> tuple[float, str]:
+    """The store's last line, 'done MONOTONIC SHA256', as (instant, digest)."""
+    words = line.split()
+    if len(words) != 3 or words[0] != "done":
+        raise BenchmarkError(f"the least pipeline's store said {line!r}, not done")
+    return float(words[1]), words[2]
+
+
+def least_figures(
+    queue_type: str, chunk: int, source: SourceFile, seconds: float, meter: CpuMeter
+) -> list[Figure]:
     return [
         Figure(
-            f"least/video/{options.queue_type}/{chunk}",
-            f"least pipeline of datahaul's shape, {options.queue_type}, "
+            f"least/video/{queue_type}/{chunk}",
+            f"least pipeline of datahaul's shape, {queue_type}, "
             f"{size_name(chunk)} chunks",
             mb_per_s(source.size, seconds),
             "MB/s",
@@ -116,7 +132,7 @@ async def one_run(
             f"last fdatasync in {seconds:.2f} s; SHA-256 of the stored file "
             f"checked; {meter.cores()}; {meter.disk(source.size)}",
         ),
-        payload_per_cpu_second("least", options.queue_type, chunk, source.size, meter),
+        payload_per_cpu_second("least", queue_type, chunk, source.size, meter),
     ]
 
 
@@ -181,7 +197,10 @@ async def role(name: str, args: list[str], env: dict[str, str]) -> AsyncIterator
         await process.wait()
 
 
-async def run_robot(port: str, path: Path, chunk: int, within: float) -> None:
+async def run_robot(
+    port: str, path: Path, chunk: int, within: float, relay: Role
+) -> None:
+    """Run the robot to its end; a relay that died says why the robot failed."""
     robot = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.least_roles", "robot",
         "127.0.0.1", port, str(path), str(chunk),
@@ -196,6 +215,10 @@ async def run_robot(port: str, path: Path, chunk: int, within: float) -> None:
             f"the least pipeline's robot ran past {within:g} s"
         ) from None
     if robot.returncode != 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(relay.process.wait(), RELAY_EXIT_WAIT)
+        if relay.process.returncode is not None:
+            raise BenchmarkError(await relay.failure())
         raise BenchmarkError(
             f"the least pipeline's robot exited with code {robot.returncode}: "
             f"{error.decode(errors='replace').strip()[-1500:]}"

@@ -23,6 +23,7 @@ import xxhash
 
 # A frame on the robot's connection: payload length, the payload's XXH128.
 FRAME = struct.Struct(">I16s")
+# What the relay sends back once the broker has confirmed every chunk.
 DONE = b"k"
 DIRECT_ALIGN = 4096
 # The store fdatasyncs and acks at most this much at once, a quarter of
@@ -45,9 +46,11 @@ def robot(host: str, port: str, path: str, chunk: str) -> None:
             link.sendall(FRAME.pack(count, xxhash.xxh3_128_digest(piece)))
             link.sendall(piece)
         link.sendall(FRAME.pack(0, bytes(16)))
-        # The relay answers once the broker has confirmed every chunk.
         if link.recv(1) != DONE:
-            raise SystemExit("the relay closed the connection before every chunk")
+            raise SystemExit(
+                "the relay closed the connection before the broker confirmed "
+                "every chunk; its own error says why"
+            )
 
 
 def relay(amqp_url: str, queue: str, window: str) -> None:

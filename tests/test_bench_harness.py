@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.drive import drive  # noqa: E402
+from bench.least import stored  # noqa: E402
 from bench.packets import percentile, write_text_files  # noqa: E402
 from bench.pipeline import file_id_from, free_port  # noqa: E402
 from bench.rabbit import fresh_vhost, rabbitmqctl, round_trip, small_bodies  # noqa: E402
@@ -305,6 +306,12 @@ def test_the_least_pipeline_part_stores_a_small_file_and_checks_it(
     assert ("least/video/quorum/262144", "bare/quorum/262144") in paired
     assert ("pipeline/video/quorum/262144", "least/video/quorum/262144") in paired
     assert not list(tmp_path.glob("least-*.image"))
+
+
+def test_a_store_that_ends_without_its_done_line_fails_the_part() -> None:
+    assert stored("done 12.5 ab12") == (12.5, "ab12")
+    with pytest.raises(BenchmarkError, match="store said 'ready', not done"):
+        stored("ready")
 
 
 def test_the_least_pipeline_refuses_a_chunk_it_cannot_write_directly(
