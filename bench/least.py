@@ -31,6 +31,7 @@ from pathlib import Path
 import aio_pika
 import psutil
 
+from bench.pipeline import die_with_parent
 from bench.procs import CpuMeter, broker_process, device_of, payload_per_cpu_second
 from bench.rabbit import fresh_vhost
 from bench.registry import BenchmarkError, Figure, RunContext, SourceFile, benchmark
@@ -73,11 +74,12 @@ async def one_run(
     image = options.work_dir / f"least-{chunk}.image"
     env = os.environ | {"DATAHAUL_LEAST_SIZE": str(source.size)}
     store_args = [url, queue, str(options.prefetch), str(image), str(chunk)]
+    relay_args = [url, queue, str(options.window)]
 
     try:
         async with (
-            role("store", store_args, env) as store,
-            role("relay", [url, queue, str(options.window)], env) as relay,
+            role("store", store_args, env, options.work_dir) as store,
+            role("relay", relay_args, env, options.work_dir) as relay,
         ):
             meter = role_meter(relay, store, options.work_dir)
             with meter.measure():
@@ -150,9 +152,12 @@ async def declare(url: str, queue: str, queue_type: str) -> None:
 class Role:
     """One of the least pipeline's processes, and the line it said it was ready."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self, name: str, process: asyncio.subprocess.Process, log_path: Path
+    ) -> None:
         self.name = name
         self.process = process
+        self.log_path = log_path
         self.ready = ""
 
     def watch(self) -> psutil.Process:
@@ -171,23 +176,31 @@ class Role:
         return line.decode().strip()
 
     async def failure(self) -> str:
-        assert self.process.stderr is not None
         await self.process.wait()
-        error = (await self.process.stderr.read()).decode(errors="replace")
+        error = self.log_path.read_bytes()[-1500:].decode(errors="replace")
         return (
             f"the least pipeline's {self.name} exited with code "
-            f"{self.process.returncode}: {error.strip()[-1500:]}"
+            f"{self.process.returncode}: {error.strip()}"
         )
 
 
 @contextlib.asynccontextmanager
-async def role(name: str, args: list[str], env: dict[str, str]) -> AsyncIterator[Role]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.least_roles", name, *args,
-        cwd=PROJECT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    started = Role(name, process)
+async def role(
+    name: str, args: list[str], env: dict[str, str], log_dir: Path
+) -> AsyncIterator[Role]:
+    """A relay or store, killed on the way out, and with the harness if it dies.
+
+    Its stderr goes to a file: a pipe nobody reads until the end could fill
+    and stop it.
+    """
+    log_path = log_dir / f"least-{name}.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.least_roles", name, *args,
+            cwd=PROJECT, env=env, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+    started = Role(name, process, log_path)
     try:
         started.ready = await started.last_line(READY_TIMEOUT)
         yield started
@@ -204,7 +217,7 @@ async def run_robot(
     robot = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.least_roles", "robot",
         "127.0.0.1", port, str(path), str(chunk),
-        cwd=PROJECT, stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT, stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent,
     )  # fmt: skip
     try:
         _, error = await asyncio.wait_for(robot.communicate(), within)
