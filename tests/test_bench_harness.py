@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cli import options_from, parser  # noqa: E402
 from bench.drive import drive  # noqa: E402
 from bench.least import stored  # noqa: E402
 from bench.packets import percentile, write_text_files  # noqa: E402
@@ -469,6 +470,18 @@ def test_another_doc_section_goes_after_the_main_one_and_is_replaced(
     assert "- Command: first" not in text
     assert "## Latest run: memory-4g" in text
     assert "main" in text
+
+
+def test_the_outbox_sends_what_the_publish_ceiling_publishes(tmp_path: Path) -> None:
+    """By default the outbox part moves the source's bytes; a flag overrides it."""
+    for args, expected in (
+        ([], 1024**3),
+        (["--quick"], 64 * 1024**2),
+        (["--size", "256M"], 256 * 1024**2),
+        (["--outbox-size", "4M"], 4 * 1024**2),
+    ):
+        options = options_from(parser().parse_args(args), tmp_path)
+        assert options.outbox_size == expected, args
 
 
 def test_a_bad_doc_section_or_count_is_refused_before_anything_runs() -> None:
