@@ -46,6 +46,7 @@ from bench.registry import (
 )
 from bench.units import MB, flag_name, mb_per_s, size_name
 from datahaul.broker.topology import queue_for
+from datahaul.config import Settings
 
 log = structlog.get_logger("datahaul.bench")
 
@@ -109,6 +110,12 @@ async def outbox(context: RunContext) -> list[Figure]:
             "DATAHAUL_AMQP_URL": amqp_url,
             "DATAHAUL_DATA_DIR": str(data_dir),
             "DATAHAUL_QUEUE_TYPE": options.queue_type,
+            # The outbox must hold the whole file sent with the link cut,
+            # however large --size or --outbox-size made it, with room for
+            # each row's overhead.
+            "DATAHAUL_OUTBOX_QUOTA_BYTES": str(
+                max(Settings().outbox_quota_bytes, 2 * size)
+            ),
         }
         args = ["gateway", "--port", str(port)]
         try:
