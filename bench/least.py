@@ -31,6 +31,7 @@ from pathlib import Path
 import aio_pika
 import psutil
 
+from bench.least_roles import DIRECT_ALIGN
 from bench.pipeline import die_with_parent
 from bench.procs import CpuMeter, broker_process, device_of, payload_per_cpu_second
 from bench.rabbit import fresh_vhost
@@ -38,7 +39,6 @@ from bench.registry import BenchmarkError, Figure, RunContext, SourceFile, bench
 from bench.units import mb_per_s, size_name
 
 PROJECT = Path(__file__).resolve().parent.parent
-DIRECT_ALIGN = 4096
 READY_TIMEOUT = 30.0
 # How long a robot's failure waits to learn whether the relay died first.
 RELAY_EXIT_WAIT = 5.0
